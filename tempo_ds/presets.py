@@ -1,0 +1,82 @@
+"""Model presets: HuggingFace model classes built from small configs (no downloads).
+
+Sizes follow the published models: BERT/RoBERTa base and large, GPT-2 small (124M) and large (774M),
+Llama-3.2-1B-shaped ``base`` and Llama-2-7B-shaped ``large``. ``tiny`` is a 2-layer, h=128 model for
+tests and CPU runs.
+"""
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("bert", "roberta", "gpt2", "llama")
+SIZES = ("tiny", "base", "large")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTN = ("eager", "sdpa")
+MLM_ARCHS = ("bert", "roberta")
+
+# (layers, hidden, heads, intermediate[, kv_heads])
+_SHAPES = {
+    "bert": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)},
+    "roberta": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)},
+    "gpt2": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (36, 1280, 20, 5120)},
+    "llama": {"tiny": (2, 128, 4, 344, 2), "base": (16, 2048, 32, 8192, 8), "large": (32, 4096, 32, 11008, 32)},
+}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(str, allowed))}")
+
+
+def model_config(arch: str, size: str = "tiny", *, vocab_size: int = 8192, max_seq: int = 512,
+                 attn: str = "eager", layers: int | None = None):
+    """The transformers config of a preset. ``layers`` overrides the depth (per-layer figures don't change)."""
+    _choice("arch", arch, ARCHS)
+    _choice("size", size, SIZES)
+    _choice("attn", attn, ATTN)
+    import transformers
+
+    n_layers, hidden, heads, inter, *kv = _SHAPES[arch][size]
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers={layers} must be >= 1")
+        n_layers = layers
+    if arch in MLM_ARCHS:
+        cls = transformers.BertConfig if arch == "bert" else transformers.RobertaConfig
+        # RoBERTa offsets positions by padding_idx + 1.
+        cfg = cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers,
+                  num_attention_heads=heads, intermediate_size=inter,
+                  max_position_embeddings=max_seq + (2 if arch == "roberta" else 0), pad_token_id=0)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=n_layers, n_head=heads,
+                                      n_inner=inter, n_positions=max_seq, bos_token_id=1, eos_token_id=2)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers,
+                                       num_attention_heads=heads, num_key_value_heads=kv[0],
+                                       intermediate_size=inter, max_position_embeddings=max_seq,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def build_model(arch: str, size: str = "tiny", *, dtype: str = "fp32", seed: int = 0, **config_kwargs):
+    """A randomly initialised LM-head model of the preset (MLM for BERT/RoBERTa, causal otherwise)."""
+    _choice("dtype", dtype, tuple(DTYPES))
+    import transformers
+
+    cfg = model_config(arch, size, **config_kwargs)
+    cls = {"bert": transformers.BertForMaskedLM, "roberta": transformers.RobertaForMaskedLM,
+           "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}[arch]
+    torch.manual_seed(seed)
+    return cls(cfg).to(DTYPES[dtype])
+
+
+def dims(config) -> dict[str, int]:
+    """Hidden size, heads and layers of any of the presets' configs, under common names."""
+    return {
+        "hidden": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "layers": config.num_hidden_layers,
+        "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        or 4 * config.hidden_size,
+    }
