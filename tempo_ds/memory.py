@@ -188,7 +188,9 @@ class SavedTensorMeter:
         if self._is_parameter(t, key):
             return t
         self._seq += 1
-        holder = _Holder(t, key, self._seq)
+        # A detached alias: same storage, but no path back to the graph (holding ``t`` itself would make a
+        # reference cycle tensor -> grad_fn -> holder -> tensor when autograd saves an op's output).
+        holder = _Holder(t.detach(), key, self._seq)
         record = self._live.get(key)
         if record is None:
             self._clock += 1
