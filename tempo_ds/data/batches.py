@@ -1,0 +1,114 @@
+"""Token streams and fixed-length LM batches (BERT-style MLM or causal) ready for HF models."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .corpus import load_texts
+
+ARCH_IS_MLM = {"bert": True, "roberta": True, "gpt2": False, "llama": False}
+_EMBEDDED_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids
+
+
+def token_stream(texts: Sequence[str], tokenizer) -> torch.LongTensor:
+    """Tokenize ``texts`` (no special tokens) into one 1-D tensor, each document followed by EOS
+    (the SEP token when the tokenizer has no EOS)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ValueError("tokenizer has neither an eos_token nor a sep_token to separate documents")
+    ids = []
+    for doc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(doc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lm_batches(
+    ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    *,
+    mlm: bool,
+    tokenizer,
+    seed: int = 0,
+    mlm_probability: float = 0.15,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless, seed-deterministic iterator of batches cut from the token stream ``ids``.
+
+    The stream is cut into non-overlapping windows (``seq_len - 1`` tokens after a leading [CLS]
+    for MLM, ``seq_len`` tokens for causal LM); rows are drawn from a fresh seeded permutation of
+    the windows on every pass, so no window repeats before all have been used.
+    MLM batches: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``; each
+    non-special token is selected with ``mlm_probability`` and then replaced by [MASK] (80%), a
+    random ordinary token (10%) or kept (10%); labels are -100 except at selected positions.
+    Causal batches: ``input_ids``, ``attention_mask``, ``labels`` (= ``input_ids``; HF models
+    shift them internally). No padding: ``attention_mask`` is all ones.
+    """
+    if ids.dim() != 1 or ids.dtype != torch.long:
+        raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)} {ids.dtype}")
+    if batch_size < 1 or seq_len < (2 if mlm else 1):
+        raise ValueError(
+            f"need batch_size >= 1 and seq_len >= {2 if mlm else 1}, got {batch_size}, {seq_len}"
+        )
+    if mlm and (tokenizer.cls_token_id is None or tokenizer.mask_token_id is None):
+        raise ValueError("MLM batches need a tokenizer with cls_token and mask_token")
+    if not 0.0 <= mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
+    width = seq_len - 1 if mlm else seq_len
+    n_windows = ids.numel() // width
+    if n_windows == 0:
+        raise ValueError(f"token stream of {ids.numel()} tokens is shorter than one row of {width}")
+    windows = ids[: n_windows * width].view(n_windows, width)
+    return _batches(windows, batch_size, mlm, tokenizer, seed, mlm_probability)
+
+
+def _batches(windows, batch_size, mlm, tokenizer, seed, mlm_probability):
+    gen = torch.Generator().manual_seed(seed)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    ordinary = torch.tensor(sorted(set(range(len(tokenizer))) - set(special.tolist())), dtype=torch.long)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(len(windows), generator=gen)])
+        rows, order = windows[order[:batch_size]], order[batch_size:]
+        if not mlm:
+            yield {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": rows.clone()}
+            continue
+        cls = torch.full((batch_size, 1), tokenizer.cls_token_id, dtype=torch.long)
+        labels = torch.cat([cls, rows], dim=1)
+        prob = torch.full(labels.shape, mlm_probability)
+        prob[torch.isin(labels, special)] = 0.0
+        selected = torch.bernoulli(prob, generator=gen).bool()
+        to_mask = selected & torch.bernoulli(torch.full(labels.shape, 0.8), generator=gen).bool()
+        half = torch.bernoulli(torch.full(labels.shape, 0.5), generator=gen).bool()
+        to_random = selected & ~to_mask & half
+        input_ids = labels.clone()
+        input_ids[to_mask] = tokenizer.mask_token_id
+        draws = torch.randint(len(ordinary), (int(to_random.sum()),), generator=gen)
+        input_ids[to_random] = ordinary[draws]
+        labels[~selected] = -100
+        yield {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "token_type_ids": torch.zeros_like(input_ids),
+            "labels": labels,
+        }
+
+
+def sample_batch(
+    arch: str, tokenizer, seq_len: int, batch_size: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """One batch from the embedded corpus: MLM for bert/roberta, causal LM for gpt2/llama.
+
+    The corpus token stream is computed once per tokenizer object and kept while it lives.
+    """
+    if arch not in ARCH_IS_MLM:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCH_IS_MLM))}")
+    ids = _EMBEDDED_STREAMS.get(tokenizer)
+    if ids is None:
+        ids = _EMBEDDED_STREAMS[tokenizer] = token_stream(load_texts(), tokenizer)
+    mlm = ARCH_IS_MLM[arch]
+    return next(lm_batches(ids, seq_len, batch_size, mlm=mlm, tokenizer=tokenizer, seed=seed))

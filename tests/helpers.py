@@ -1,0 +1,64 @@
+"""Shared test helpers: float64 references, checkpoint flavours and the meter."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from tempo_ds.memory import SavedTensorMeter
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CHECKPOINT_MODES = ["none", "torch_reentrant", "torch_non_reentrant", "deepspeed", "deepspeed_non_reentrant",
+                    "no_grad_recompute"]
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_within_2x_of_torch(ours: torch.Tensor, torch_op: torch.Tensor, ref64: torch.Tensor,
+                              atol: float = 0.0, what: str = "") -> None:
+    """Our low-precision result errs at most twice as much as PyTorch's own op in the same precision."""
+    e_ours, e_torch = max_err(ours, ref64), max_err(torch_op, ref64)
+    assert e_ours <= 2 * e_torch + atol, f"{what}: error {e_ours:.3g} > 2 x torch's {e_torch:.3g} + {atol:.3g}"
+
+
+def saved_bytes(fn, *args, model=None) -> int:
+    """Bytes autograd keeps for backward when ``fn(*args)`` runs, counted by the meter."""
+    with SavedTensorMeter(model) as meter:
+        out = fn(*args)
+    del out
+    return meter.total_bytes
+
+
+def run_checkpointed(fn, inputs: list[torch.Tensor], mode: str, seed: int = 0):
+    """Run ``fn(*inputs)`` under one checkpoint flavour, backward a fixed random cotangent, return
+    ``(output, [input grads])``. The seed is set before the forward, so dropout inside ``fn`` must come
+    out the same in every mode if the op regenerates it from the global RNG correctly."""
+    leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    torch.manual_seed(seed)
+    if mode == "none":
+        out = fn(*leaves)
+    elif mode == "torch_reentrant":
+        out = torch_checkpoint(fn, *leaves, use_reentrant=True)
+    elif mode == "torch_non_reentrant":
+        out = torch_checkpoint(fn, *leaves, use_reentrant=False)
+    elif mode == "deepspeed":
+        from deepspeed.runtime.activation_checkpointing import checkpointing
+
+        out = checkpointing.checkpoint(fn, *leaves)
+    elif mode == "deepspeed_non_reentrant":
+        from deepspeed.runtime.activation_checkpointing import checkpointing
+
+        out = checkpointing.non_reentrant_checkpoint(fn, *leaves)
+    elif mode == "no_grad_recompute":
+        with torch.no_grad():
+            fn(*leaves)  # a no_grad forward (reentrant checkpoint's first pass) must not disturb anything
+        torch.manual_seed(seed)
+        out = fn(*leaves)
+    else:
+        raise ValueError(mode)
+    gen = torch.Generator().manual_seed(1234)
+    cot = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
+    grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], cot)
+    return out.detach(), list(grads)
