@@ -1,0 +1,154 @@
+"""``TempoConfig``: which memory-lean techniques are on. Strict, like DeepSpeed's own config sections.
+
+The same schema is built from keyword arguments, a dict, a JSON file, or the top-level ``"tempo"`` section
+of a DeepSpeed JSON config. DeepSpeed ignores unknown top-level keys, so this module validates the section
+itself — a pydantic model that forbids extra keys, as DeepSpeed's ``DeepSpeedConfigModel`` does — and every
+error names the key and the values it allows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["TempoConfig", "FewBitConfig", "TempoConfigError", "SECTION"]
+
+SECTION = "tempo"
+FEWBIT_FUNCTIONS = ("gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "softplus", "elu", "celu", "selu", "mish",
+                    "logsigmoid", "softsign", "tanhshrink", "hardswish")
+FewBitName = Literal[FEWBIT_FUNCTIONS]  # type: ignore[valid-type]
+Bits = Literal[1, 2, 3, 4]
+
+
+class TempoConfigError(ValueError):
+    """A bad ``tempo`` config: the message names each offending key and what it allows."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class FewBitConfig(_Strict):
+    """Few-bit activations: ``bits`` for every function, ``functions`` to override it per function."""
+
+    bits: Bits = 2
+    functions: dict[FewBitName, Bits] = Field(default_factory=dict)
+
+    def bits_for(self, name: str) -> int:
+        return self.functions.get(name, self.bits)
+
+
+class TempoConfig(_Strict):
+    """Which techniques ``tempo_ds.inject`` applies.
+
+    gelu       inplace   save GELU's output + a 1-bit branch mask (the next Linear saves the output anyway)
+               recompute fuse GELU into the next Linear, save its input, recompute GELU in backward (exact)
+               fewbit    keep a b-bit code per element (approximate gradient; see ``fewbit``)
+               off       leave GELU alone
+    silu       fewbit | off  (SiLU/SwiGLU, LLaMA family)
+    norm       inplace | off  LayerNorm/RMSNorm that save their output and row statistics, not the input
+    attention  lean      save q, k, v, output and log-sum-exp; recompute probabilities in blocks
+               tempo     Tempo's dropout recomputation: save the softmax output and a 1-bit mask
+               off       the model's own attention
+    dropout    seed | off  dropout that regenerates its mask from a seed instead of storing it
+    skip       module-name patterns (fnmatch) that injection leaves alone
+    """
+
+    enabled: bool = True
+    gelu: Literal["inplace", "recompute", "fewbit", "off"] = "recompute"
+    silu: Literal["fewbit", "off"] = "off"
+    norm: Literal["inplace", "off"] = "inplace"
+    attention: Literal["lean", "tempo", "off"] = "lean"
+    dropout: Literal["seed", "off"] = "seed"
+    attention_block_size: int | None = Field(default=None, ge=1)
+    fewbit: FewBitConfig = Field(default_factory=FewBitConfig)
+    skip: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: "TempoConfig | dict | str | os.PathLike | None" = None, **overrides: Any) -> "TempoConfig":
+        """A validated config from None (defaults), a TempoConfig, a dict, a JSON file path, or inline
+        JSON text. A dict or file that is a whole DeepSpeed config contributes its ``"tempo"`` section.
+        ``overrides`` win over the config's values."""
+        if isinstance(config, TempoConfig):
+            data = config.model_dump()
+        elif config is None:
+            data = {}
+        elif isinstance(config, dict):
+            data = dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            data = _read_json(config)
+        else:
+            raise TempoConfigError(f"tempo config must be a TempoConfig, dict, JSON file path or JSON text, "
+                                   f"not {type(config).__name__}")
+        if SECTION in data and (_looks_like_deepspeed(data) or set(data) == {SECTION}):
+            data = data[SECTION] or {}
+        if not isinstance(data, dict):
+            raise TempoConfigError(f"the '{SECTION}' section must be a JSON object, got {type(data).__name__}")
+        return cls.validate_dict({**data, **overrides})
+
+    @classmethod
+    def validate_dict(cls, data: dict) -> "TempoConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise TempoConfigError(_explain(exc)) from None
+
+    def techniques(self) -> dict[str, str]:
+        """The technique switches, for reports."""
+        return {k: getattr(self, k) for k in ("gelu", "silu", "norm", "attention", "dropout")}
+
+
+def deepspeed_section(ds_config: dict | str | os.PathLike | None) -> dict | None:
+    """The raw ``"tempo"`` section of a DeepSpeed config (dict, path, or JSON text), or None if absent."""
+    if ds_config is None:
+        return None
+    data = ds_config if isinstance(ds_config, dict) else _read_json(ds_config)
+    return data.get(SECTION)
+
+
+def _looks_like_deepspeed(data: dict) -> bool:
+    return any(k in data for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_optimization",
+                                   "optimizer", "bf16", "fp16", "gradient_accumulation_steps"))
+
+
+def _read_json(source: str | os.PathLike) -> dict:
+    text = str(source)
+    if text.lstrip().startswith("{"):
+        where, raw = "inline JSON", text
+    else:
+        if not os.path.isfile(text):
+            raise TempoConfigError(f"tempo config file {text!r} does not exist")
+        where = text
+        with open(text, encoding="utf-8") as f:
+            raw = f.read()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TempoConfigError(f"tempo config {where} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise TempoConfigError(f"tempo config {where} must hold a JSON object")
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = [f"{exc.error_count()} invalid value(s) in the '{SECTION}' config:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(TempoConfig, err["loc"]))
+            lines.append(f"  {key}: unknown key; allowed keys: {allowed}")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
