@@ -1,0 +1,194 @@
+"""LayerNorm and RMSNorm in Triton, with a backward that starts from the *output* instead of the input.
+
+This file follows Triton's tutorial *05-layer-norm* (one program per row in forward; a backward that
+accumulates the weight gradients per block of rows and reduces them afterwards) and changes what the
+backward reads, as Tempo (Andoorveedu et al., NeurIPS 2022, "in-place LayerNorm") proposed.
+
+Forward, per row ``x`` of ``N`` elements, statistics in float32::
+
+    LayerNorm:  mu = mean(x)       rstd = 1 / sqrt(mean((x - mu)^2) + eps)     xhat = (x - mu) * rstd
+    RMSNorm:    mu = 0             rstd = 1 / sqrt(mean(x^2) + eps)             xhat = x * rstd
+    y = xhat * w + b               (w, b optional; b only for LayerNorm)
+
+RMSNorm has two rounding conventions. ``CAST_BEFORE_WEIGHT`` follows HuggingFace's ``LlamaRMSNorm``:
+``xhat`` is rounded to the input dtype first and the product with ``w`` is rounded to the output dtype
+(the promotion of input and weight dtypes). Without it, as ``torch.nn.functional.rms_norm``, everything is
+computed in float32 and rounded once to the input dtype.
+
+Backward. With ``g`` the incoming gradient and ``gw = g * w``, differentiating ``xhat`` gives::
+
+    LayerNorm:  dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))
+    RMSNorm:    dx = rstd * (gw - xhat * mean(gw * xhat))
+    dw = sum over rows of g * xhat          db = sum over rows of g
+
+Everything needs ``xhat``, not ``x``. The tutorial (and PyTorch) keep ``x`` and recompute ``xhat``;
+the next Linear layer keeps ``y`` anyway, so keeping ``y`` plus one ``rstd`` per row and rebuilding
+``xhat = (y - b) / w`` (``FROM_OUTPUT``) saves a whole activation. That is only accurate when no ``w``
+is zero or tiny next to ``b``; the caller (``tempo_ds.ops.layer_norm``) checks and otherwise keeps ``x``
+and ``mu`` and runs this kernel with ``FROM_OUTPUT=False``.
+
+``dw`` and ``db`` are sums over all rows. Each of ``G`` programs walks a contiguous block of rows,
+accumulates its partial sums in float32 registers and writes one row of a ``[G, N]`` buffer; the caller
+sums the ``G`` rows. ``G`` is about two programs per streaming multiprocessor, so the buffer is a few
+hundred rows, never ``[rows, N]`` (early Liger-Kernel RMSNorm releases allocate exactly that,
+``dW = torch.zeros_like(X)``, which counts towards peak memory). ``dx`` goes to a new buffer rather than
+over the incoming gradient, which autograd may still hold (``retain_grad``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One row must fit in one block: 64 KB of the widest dtype, as in the tutorial.
+MAX_FUSED_N = 65536 // 4
+
+
+@triton.jit
+def _add(a, b):
+    # ``tl.reduce(v, 0, _add)`` is ``tl.sum(v)``. ``tl.sum`` and ``tl.zeros`` are themselves ``@triton.jit``
+    # functions, bound to the compiler or to the interpreter once, when triton is first imported; using
+    # only builtins lets this file run under the interpreter whenever it is imported with TRITON_INTERPRET=1.
+    return a + b
+
+
+@triton.jit
+def _norm_fwd_kernel(X, Y, W, B, MEAN, RSTD, stride_x, stride_y, N, eps,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     CAST_BEFORE_WEIGHT: tl.constexpr, STORE_MEAN: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    if RMS:
+        mean = 0.0
+        var = tl.reduce(x * x, 0, _add) / N
+    else:
+        mean = tl.reduce(x, 0, _add) / N
+        centred = tl.where(inside, x - mean, 0.0)
+        var = tl.reduce(centred * centred, 0, _add) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = (x - mean) * rstd
+    if CAST_BEFORE_WEIGHT:
+        y = y.to(X.dtype.element_ty).to(tl.float32)
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
+    tl.store(RSTD + row, rstd)
+    if STORE_MEAN:
+        tl.store(MEAN + row, mean)
+
+
+@triton.jit
+def _norm_bwd_kernel(DY, DX, SRC, W, B, MEAN, RSTD, DW_PART, DB_PART, M, N, rows_per_program,
+                     stride_dy, stride_dx, stride_src,
+                     RMS: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     PARTIALS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(W + cols, mask=inside, other=1.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+    dw_acc = tl.full((BLOCK_N,), 0.0, tl.float32)
+    db_acc = tl.full((BLOCK_N,), 0.0, tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64: row * stride may pass 2**31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        src = tl.load(SRC + row * stride_src + cols, mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        if FROM_OUTPUT:
+            xhat = (src - b) / w
+        elif RMS:
+            xhat = src * rstd
+        else:
+            xhat = (src - tl.load(MEAN + row)) * rstd
+        xhat = tl.where(inside, xhat, 0.0)
+        g = tl.load(DY + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
+        gw = g * w
+        c1 = tl.reduce(gw * xhat, 0, _add) / N
+        if RMS:
+            dx = (gw - xhat * c1) * rstd
+        else:
+            c2 = tl.reduce(gw, 0, _add) / N
+            dx = (gw - c2 - xhat * c1) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
+        if PARTIALS and HAS_W:
+            dw_acc += g * xhat
+        if PARTIALS and HAS_B:
+            db_acc += g
+    if PARTIALS and HAS_W:
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=inside)
+    if PARTIALS and HAS_B:
+        tl.store(DB_PART + pid * N + cols, db_acc, mask=inside)
+
+
+def _launch(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for rows of ``n`` elements, as in the tutorial."""
+    block = max(triton.next_power_of_2(n), 16)
+    return block, min(max(block // 256, 1), 8)
+
+
+def _programs(m: int, device: torch.device) -> int:
+    """Backward programs: about two per streaming multiprocessor (a few under the CPU interpreter)."""
+    if device.type == "cuda":
+        return max(1, min(m, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(m, 4))
+
+
+def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+                 rms: bool, out_dtype: torch.dtype, cast_before_weight: bool = False, store_mean: bool = False):
+    """Normalise the rows of ``x`` ([M, N], contiguous rows).
+
+    Returns ``(y [M, N] out_dtype, mean [M] float32 or None, rstd [M] float32)``; ``mean`` only when
+    ``store_mean`` (LayerNorm whose backward will start from ``x``).
+    """
+    m, n = x.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device) if store_mean else None
+    if m:
+        block, warps = _launch(n)
+        _norm_fwd_kernel[(m,)](
+            x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
+            mean if store_mean else rstd, rstd, x.stride(0), y.stride(0), n, eps,
+            RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
+            STORE_MEAN=store_mean, BLOCK_N=block, num_warps=warps)
+    return y, mean, rstd
+
+
+def norm_backward(grad: torch.Tensor, src: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  mean: torch.Tensor | None, rstd: torch.Tensor, *, rms: bool, from_output: bool,
+                  x_dtype: torch.dtype, need_weight_grads: bool):
+    """Gradients of ``norm_forward``.
+
+    ``src`` ([M, N]) is the saved output ``y`` when ``from_output`` (``xhat = (y - b) / w``), else the
+    saved input ``x`` (``xhat = (x - mean) * rstd``). Returns ``(dx [M, N] x_dtype, dw [N] float32 or
+    None, db [N] float32 or None)``; ``dw`` (``db``) only when ``need_weight_grads`` and there is a
+    weight (bias).
+    """
+    m, n = src.shape
+    grad = grad.contiguous()
+    dx = torch.empty((m, n), dtype=x_dtype, device=src.device)
+    programs = _programs(m, src.device)
+    need_dw, need_db = need_weight_grads and weight is not None, need_weight_grads and bias is not None
+
+    def partial_sums(needed):
+        # zeros, not empty: with no rows no program writes them
+        return torch.zeros((programs, n), dtype=torch.float32, device=src.device) if needed else rstd
+
+    dw_part, db_part = partial_sums(need_dw), partial_sums(need_db)
+    if m:
+        block, warps = _launch(n)
+        _norm_bwd_kernel[(programs,)](
+            grad, dx, src, weight if weight is not None else rstd, bias if bias is not None else rstd,
+            mean if mean is not None else rstd, rstd, dw_part, db_part, m, n, triton.cdiv(m, programs),
+            grad.stride(0), dx.stride(0), src.stride(0),
+            RMS=rms, FROM_OUTPUT=from_output, HAS_W=weight is not None, HAS_B=bias is not None,
+            PARTIALS=need_dw or need_db, BLOCK_N=block, num_warps=warps)
+    return dx, dw_part.sum(0) if need_dw else None, db_part.sum(0) if need_db else None

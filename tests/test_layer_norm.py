@@ -1,0 +1,399 @@
+"""In-place LayerNorm: PyTorch's results from the output instead of the input, for any weight."""
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import ALL_DTYPES, CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
+from tempo_ds.memory import SavedTensorMeter
+from tempo_ds.nn import InplaceLayerNorm
+from tempo_ds.ops import inplace_layer_norm
+from tempo_ds.ops.layer_norm import InplaceLayerNormFunction, output_is_invertible
+
+AFFINE = ["weight_and_bias", "weight_only", "bias_only", "none"]
+
+
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch):
+    """Tests run the PyTorch path whatever the environment, unless they ask for ``triton_interpreter``."""
+    monkeypatch.setenv("TEMPO_DS_TRITON", "0")
+
+
+def _params(shape, dtype, affine, gen):
+    """Weights in +-[0.5, 1.5] and biases in [-0.5, 0.5]: |b| <= |w|, so the output is kept."""
+    w = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5) * torch.randn(shape, generator=gen).sign()
+    b = torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
+    w = w.to(dtype) if affine in ("weight_and_bias", "weight_only") else None
+    b = b.to(dtype) if affine in ("weight_and_bias", "bias_only") else None
+    return w, b
+
+
+def _inputs(lead, shape, dtype, affine="weight_and_bias", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, *shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    w, b = _params(shape, dtype, affine, gen)
+    g = torch.randn(*lead, *shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x, w, b, g
+
+
+def _forward_backward(fn, x, shape, w, b, g, dtype=None):
+    """Output and gradients (x, then weight and bias when present) of ``fn``, inputs cast to ``dtype``."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in (x, w, b)]
+    y = fn(leaves[0], shape, leaves[1], leaves[2])
+    y.backward(g.to(dtype or g.dtype))
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _saved(fn, *args, model=None):
+    with SavedTensorMeter(model) as meter:
+        out = fn(*args)
+    return meter, out
+
+
+# -- exactness -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("shape", [(7,), (3, 4)])
+def test_gradcheck_float64(affine, shape):
+    x, w, b, _ = _inputs((3,), shape, torch.float64, affine)
+    assert output_is_invertible(w, b, torch.float64, 7)  # the output is what backward starts from
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        return inplace_layer_norm(next(it), shape, next(it) if w is not None else None,
+                                  next(it) if b is not None else None)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("case", ["zero", "tiny_next_to_bias"])
+def test_gradcheck_float64_fallback(case):
+    x, w, b, _ = _inputs((5,), (7,), torch.float64)
+    w[2] = 0.0 if case == "zero" else 1e-3
+    assert not output_is_invertible(w, b, torch.float64, 7)
+    assert torch.autograd.gradcheck(lambda *a: inplace_layer_norm(a[0], 7, *a[1:]),
+                                    [t.requires_grad_() for t in (x, w, b)])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("lead, shape", [((13,), (37,)), ((2, 3), (5, 7)), ((1024,), (16,))])
+def test_within_2x_of_torch_against_float64(dtype, affine, lead, shape):
+    x, w, b, g = _inputs(lead, shape, dtype, affine)
+    ref = _forward_backward(F.layer_norm, x, shape, w, b, g, torch.float64)
+    theirs = _forward_backward(F.layer_norm, x, shape, w, b, g)
+    ours = _forward_backward(inplace_layer_norm, x, shape, w, b, g)
+    for name, o, t, r in zip(["y", "dx", "dw/db", "db"], ours, theirs, ref):
+        assert o.dtype == t.dtype and o.shape == t.shape
+        assert_within_2x_of_torch(o, t, r, what=f"{name} {dtype} {affine}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", ["zero", "tiny", "small_next_to_bias", "huge"])
+def test_fallback_keeps_the_input_and_gives_torch_gradients(dtype, case):
+    """Tempo's flaw: a zero weight makes every gradient of the row NaN. Ours falls back for the call."""
+    rows, n = 13, 37
+    x, w, b, g = _inputs((rows,), (n,), dtype)
+    w[5] = {"zero": 0.0, "tiny": torch.finfo(dtype).tiny / 4, "small_next_to_bias": 0.05,
+            "huge": torch.finfo(dtype).max / 4}[case]
+    if case == "small_next_to_bias":
+        b[5] = 0.25
+    assert not output_is_invertible(w, b, dtype, n)
+    meter, _ = _saved(inplace_layer_norm, x.requires_grad_(), n, nn.Parameter(w), nn.Parameter(b))
+    assert meter.total_bytes == rows * n * x.element_size() + 2 * rows * 4  # x, mean and rstd (float32)
+    x.requires_grad_(False)
+    ref = _forward_backward(F.layer_norm, x, (n,), w, b, g, torch.float64)
+    theirs = _forward_backward(F.layer_norm, x, (n,), w, b, g)
+    ours = _forward_backward(inplace_layer_norm, x, (n,), w, b, g)
+    for name, o, t, r in zip(["y", "dx", "dw", "db"], ours, theirs, ref):
+        assert torch.equal(torch.isfinite(o), torch.isfinite(t)), name
+        if torch.isfinite(t).all():  # a huge weight may overflow dx in float16, for PyTorch as for us
+            assert_within_2x_of_torch(o, t, r, what=f"{name} {case}")
+
+
+def test_rebuilding_from_the_output_with_a_zero_weight_is_what_goes_wrong():
+    """The fallback is needed: forced to keep the output, a zero weight makes the row's gradients NaN."""
+    x, w, b, g = _inputs((4,), (9,), torch.float32)
+    w[0] = 0.0
+    x.requires_grad_()
+    y = InplaceLayerNormFunction.apply(x, w, b, (9,), 1e-5, "output")
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert torch.isnan(dx).all()
+    (dx,) = torch.autograd.grad(inplace_layer_norm(x, 9, w, b), x, g)
+    assert torch.isfinite(dx).all()
+
+
+def test_invertibility_rule():
+    f32 = torch.float32
+    ones = torch.ones(4)
+    assert output_is_invertible(None, None, torch.float16, 4)
+    assert output_is_invertible(ones, None, f32, 4)
+    assert output_is_invertible(ones, ones, f32, 4)  # |b| = |w| is allowed
+    assert output_is_invertible(-ones, -ones, f32, 4)  # signs do not matter
+    assert not output_is_invertible(ones, ones * 1.01, f32, 4)
+    assert output_is_invertible(ones * 1e-30, None, f32, 4)  # any normal weight divides out without bias
+    assert not output_is_invertible(ones * 1e-30, None, torch.float16, 4)  # subnormal in float16
+    assert not output_is_invertible(torch.tensor([1.0, 0.0]), None, f32, 2)
+    assert not output_is_invertible(torch.tensor([1.0, float("nan")]), None, f32, 2)
+    assert output_is_invertible(ones * 30000, None, torch.float16, 4)  # 30000 * sqrt(4) < 65504
+    assert not output_is_invertible(ones * 40000, None, torch.float16, 4)
+
+
+def test_eps_is_used():
+    x, w, b, g = _inputs((6,), (8,), torch.float64)
+    x = x * 1e-3  # variance ~4e-6: eps matters
+    for eps in (1e-5, 1e-2):
+        ours = _forward_backward(lambda *a: inplace_layer_norm(*a, eps=eps), x, (8,), w, b, g)
+        ref = _forward_backward(lambda *a: F.layer_norm(*a, eps=eps), x, (8,), w, b, g)
+        for o, r in zip(ours, ref):
+            torch.testing.assert_close(o, r)
+
+
+def test_non_contiguous_input():
+    x, w, b, g = _inputs((37,), (13,), torch.float32)
+    xt = x.t().contiguous().t()  # [37, 13] view with strides (1, 37)
+    assert not xt.is_contiguous()
+    ours = _forward_backward(inplace_layer_norm, xt, (13,), w, b, g)
+    ref = _forward_backward(F.layer_norm, xt, (13,), w, b, g)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+
+
+@pytest.mark.parametrize("affine", ["weight_and_bias", "none"])
+def test_empty_input(affine):
+    x, w, b, g = _inputs((0, 3), (5,), torch.float32, affine)
+    ours = _forward_backward(inplace_layer_norm, x, (5,), w, b, g)
+    assert ours[0].shape == (0, 3, 5) and ours[1].shape == (0, 3, 5)
+    for grad in ours[2:]:
+        assert torch.equal(grad, torch.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_and_deepspeed_sees_the_overflow(dtype, bad):
+    from deepspeed.runtime.utils import CheckOverflow
+
+    x, w, b, g = _inputs((5,), (11,), dtype)
+    w, b = nn.Parameter(w), nn.Parameter(b)
+    x = x.requires_grad_()
+    inplace_layer_norm(x, 11, w, b).backward(g)
+    assert not CheckOverflow().has_overflow_serial([w, b])
+    x.grad = w.grad = b.grad = None
+    x.data[2, 4] = bad
+    y = inplace_layer_norm(x, 11, w, b)
+    y.backward(g)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+    assert torch.isnan(x.grad[2]).all() and torch.isfinite(x.grad[[0, 1, 3, 4]]).all()
+    assert torch.isnan(w.grad).all() and torch.isfinite(b.grad).all()  # db = sum(g) does not see x
+    assert CheckOverflow().has_overflow_serial([w, b])
+
+
+# -- checkpointing, no_grad, autocast ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_every_checkpoint_mode_gives_identical_gradients(fallback):
+    x, w, b, _ = _inputs((3, 4), (10,), torch.float32)
+    if fallback:
+        w[1] = 0.0
+    inputs = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+
+    def fn(x, w, b):
+        return inplace_layer_norm(x * 1.5, 10, w, b) * 2.0
+
+    out_ref, grads_ref = run_checkpointed(fn, inputs, "none")
+    for mode in CHECKPOINT_MODES[1:]:
+        out, grads = run_checkpointed(fn, inputs, mode)
+        assert torch.equal(out, out_ref), mode
+        for g, g_ref in zip(grads, grads_ref):
+            assert torch.equal(g, g_ref), mode
+
+
+def test_no_grad_saves_nothing_and_gives_the_same_output():
+    x, w, b, _ = _inputs((4, 3), (10,), torch.bfloat16)
+    w[0] = 0.0  # not even the invertibility check runs without grad
+    with torch.no_grad():
+        meter, y0 = _saved(inplace_layer_norm, x, 10, w, b)
+    assert meter.total_bytes == 0 and y0.grad_fn is None
+    assert torch.equal(y0, inplace_layer_norm(x, 10, w.requires_grad_(), b))
+
+
+def _mlp(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), norm(16), nn.Linear(16, 8))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_cpu_autocast_bf16():
+    x = torch.randn(6, 5, 12)
+    models = {"ours": _mlp(InplaceLayerNorm), "torch": _mlp(nn.LayerNorm), "ref": _mlp(nn.LayerNorm).double()}
+    results = {}
+    for name, model in models.items():
+        xx = x.detach().to(next(model.parameters()).dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "ref"):
+            y = model(xx)
+            y.sum().backward()
+        results[name] = [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
+    assert results["ours"][0].dtype == results["torch"][0].dtype == torch.bfloat16
+    for o, t, r in zip(results["ours"], results["torch"], results["ref"]):
+        assert o.dtype == t.dtype
+        assert_within_2x_of_torch(o, t, r, what="autocast")
+
+
+@pytest.mark.parametrize("mode", ["torch_reentrant", "torch_non_reentrant", "deepspeed", "no_grad_recompute"])
+def test_checkpoint_under_autocast_recomputes_the_same(mode):
+    model = _mlp(InplaceLayerNorm)
+    x = torch.randn(6, 12, requires_grad=True)
+
+    def fn(x, *params):
+        return model(x)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, grads_ref = run_checkpointed(fn, [x], "none")
+        out, grads = run_checkpointed(fn, [x], mode)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_ref)
+    assert torch.equal(grads[0], grads_ref[0])
+
+
+# -- memory --------------------------------------------------------------------------------------------
+
+def test_saves_output_and_rstd_only():
+    s, b, h = 16, 3, 40
+    x = torch.randn(s, b, h, dtype=torch.bfloat16, requires_grad=True)
+    norm = InplaceLayerNorm(h).to(torch.bfloat16)
+    meter, y = _saved(norm, x, model=norm)
+    assert meter.total_bytes == s * b * h * 2 + s * b * 4
+    assert sorted((str(r.dtype), r.shape) for r in meter.saved) == [
+        ("torch.bfloat16", (s, b, h)), ("torch.float32", (s, b, 1))]
+    assert any(r.nbytes == y.nbytes and r.shape == tuple(y.shape) for r in meter.saved)
+
+
+def test_the_next_linear_shares_the_saved_output():
+    s, b, h = 16, 3, 40
+    x = torch.randn(s, b, h, dtype=torch.bfloat16, requires_grad=True)
+    ours = nn.Sequential(InplaceLayerNorm(h), nn.Linear(h, h)).to(torch.bfloat16)
+    theirs = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h)).to(torch.bfloat16)
+    linear_alone, _ = _saved(theirs[1], x, model=theirs[1])
+    ours_meter, _ = _saved(ours, x, model=ours)
+    theirs_meter, _ = _saved(theirs, x, model=theirs)
+    assert linear_alone.total_bytes == s * b * h * 2
+    assert ours_meter.total_bytes == linear_alone.total_bytes + s * b * 4
+    # PyTorch: input and output of the LayerNorm, and its mean and rstd (bfloat16 on CPU)
+    assert theirs_meter.total_bytes == 2 * s * b * h * 2 + 2 * s * b * 2
+
+
+# -- module --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
+def test_module_is_a_drop_in_for_nn_layer_norm(kwargs):
+    torch.manual_seed(1)
+    theirs = nn.LayerNorm((3, 8), **kwargs)
+    ours = InplaceLayerNorm((3, 8), **kwargs)
+    assert isinstance(ours, nn.LayerNorm) and ours.extra_repr() == theirs.extra_repr()
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(5, 3, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_from_module_reuses_the_parameter_objects():
+    ln = nn.LayerNorm(24, eps=1e-6)
+    ln.eval()
+    ours = InplaceLayerNorm.from_module(ln)
+    assert ours.weight is ln.weight and ours.bias is ln.bias
+    assert (ours.eps, ours.normalized_shape, ours.training) == (1e-6, (24,), False)
+    x = torch.randn(3, 24, requires_grad=True)
+    ours(x).sum().backward()
+    assert ln.weight.grad is not None
+    with pytest.raises(TypeError):
+        InplaceLayerNorm.from_module(nn.RMSNorm(24))
+
+
+def test_zero3_partitioned_weights_are_gathered_in_backward(monkeypatch):
+    """A weight that ZeRO-3 partitioned away between forward and backward is gathered for the backward."""
+    import deepspeed
+
+    class Status:
+        name = "NOT_AVAILABLE"
+
+    gathered = []
+
+    class FakeGather:
+        def __init__(self, params):
+            self.params = params
+
+        def __enter__(self):
+            gathered.append(self.params)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", FakeGather)
+    x, w, b, g = _inputs((4,), (6,), torch.float32)
+    w, b = nn.Parameter(w), nn.Parameter(b)
+    y = inplace_layer_norm(x, 6, w, b)
+    w.ds_status = b.ds_status = Status()
+    y.backward(g)
+    assert gathered == [[w, b]] and w.grad is not None
+
+
+# -- Triton kernel (interpreter) -----------------------------------------------------------------------
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run the kernels under Triton's interpreter on CPU tensors. ``triton.jit`` picks the interpreter
+    when the kernel module is imported, so the module is reloaded with the variables set (and after)."""
+    pytest.importorskip("triton")
+    module = importlib.import_module("tempo_ds.kernels.layer_norm")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
+    importlib.reload(module)
+    calls = []
+    for name in ("norm_forward", "norm_backward"):
+        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    yield SimpleNamespace(env=monkeypatch, calls=calls)
+    monkeypatch.undo()
+    importlib.reload(module)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("affine, fallback", [(a, False) for a in AFFINE] + [(a, True) for a in AFFINE[:2]])
+def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, dtype, affine, fallback):
+    x, w, b, g = _inputs((6,), (37,), dtype, affine)
+    if fallback:
+        w[4] = 0.0
+    kernel = _forward_backward(inplace_layer_norm, x, (37,), w, b, g)
+    assert triton_interpreter.calls == ["norm_forward", "norm_backward"]
+    triton_interpreter.env.setenv("TEMPO_DS_TRITON", "0")
+    torch_path = _forward_backward(inplace_layer_norm, x, (37,), w, b, g)
+    assert len(triton_interpreter.calls) == 2
+    for k, t in zip(kernel, torch_path):
+        assert k.dtype == t.dtype and k.shape == t.shape
+        # one ulp of a 16-bit dtype: the kernel sums in another order, which can flip a rounding, and the
+        # interpreter rounds float32 -> bfloat16 towards zero
+        tol = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+        torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())
+
+
+def test_triton_kernel_saves_output_and_rstd_and_handles_odd_layouts(triton_interpreter):
+    x, w, b, g = _inputs((3, 2), (4, 5), torch.float32)
+    meter, _ = _saved(inplace_layer_norm, x.requires_grad_(), (4, 5), nn.Parameter(w), nn.Parameter(b))
+    assert meter.total_bytes == 6 * 20 * 4 + 6 * 4  # y and rstd [6] float32
+    x.requires_grad_(False)
+    xt = x.transpose(0, 1)  # non-contiguous rows
+    kernel = _forward_backward(inplace_layer_norm, xt, (4, 5), w, b, g.transpose(0, 1))
+    ref = _forward_backward(F.layer_norm, xt, (4, 5), w, b, g.transpose(0, 1))
+    for k, r in zip(kernel, ref):
+        torch.testing.assert_close(k, r)
+    empty = _forward_backward(inplace_layer_norm, x[:0], (4, 5), w, b, g[:0])
+    assert empty[0].shape == (0, 2, 4, 5) and torch.equal(empty[2], torch.zeros(4, 5))
+    assert triton_interpreter.calls == ["norm_forward"] + ["norm_forward", "norm_backward"] * 2

@@ -1,0 +1,370 @@
+"""In-place RMSNorm against HuggingFace's own LlamaRMSNorm (and torch.nn.RMSNorm), from the output."""
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+from helpers import CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
+from tempo_ds.memory import SavedTensorMeter
+from tempo_ds.nn import InplaceRMSNorm
+from tempo_ds.ops import inplace_rms_norm
+from tempo_ds.ops.rms_norm import InplaceRMSNormFunction
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (input dtype, weight dtype): HF models run with matching dtypes, or a float32 weight under mixed precision
+DTYPE_PAIRS = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32), (F16, F32)]
+
+
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch):
+    """Tests run the PyTorch path whatever the environment, unless they ask for ``triton_interpreter``."""
+    monkeypatch.setenv("TEMPO_DS_TRITON", "0")
+
+
+def _inputs(lead, n, x_dtype, w_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, n, generator=gen, dtype=torch.float64) * 2 + 0.5).to(x_dtype)
+    w = ((torch.rand(n, generator=gen, dtype=torch.float64) + 0.5)
+         * torch.randn(n, generator=gen).sign()).to(w_dtype)
+    g = torch.randn(*lead, n, generator=gen, dtype=torch.float64)
+    return x, w, g
+
+
+def _reference(x, w, eps=1e-6):
+    """The RMSNorm maths in the dtype of ``x`` (HF's module itself computes in float32 even for float64)."""
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _hf(weight, eps=1e-6):
+    module = LlamaRMSNorm(weight.shape[0], eps=eps).to(weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return module
+
+
+def _forward_backward(fn, x, w, g):
+    """Output and gradients (x, then weight if any) of ``fn(x, w)``; the cotangent in the output dtype."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w)]
+    y = fn(*leaves)
+    y.backward(g.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _hf_forward_backward(x, w, g, eps=1e-6):
+    module = _hf(w, eps)
+    xx = x.detach().clone().requires_grad_()
+    y = module(xx)
+    y.backward(g.to(y.dtype))
+    return [y.detach(), xx.grad, module.weight.grad]
+
+
+def _saved(fn, *args, model=None):
+    with SavedTensorMeter(model) as meter:
+        out = fn(*args)
+    return meter, out
+
+
+# -- exactness -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("casting", ["llama", "torch"])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_gradcheck_float64(casting, with_weight, fallback):
+    x, w, _ = _inputs((3,), 9, torch.float64, torch.float64)
+    if fallback:
+        w[3] = 0.0
+    leaves = [x.requires_grad_()] + ([w.requires_grad_()] if with_weight else [])
+    assert torch.autograd.gradcheck(lambda x, *w: inplace_rms_norm(x, *w, casting=casting), leaves)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", DTYPE_PAIRS)
+@pytest.mark.parametrize("lead", [(13,), (2, 5), (1024,)])  # many rows: the weight gradient's row sum
+def test_matches_hf_llama_rms_norm(x_dtype, w_dtype, lead):
+    """Forward bit for bit (dtype included); gradients within 2x of HF's own error against float64."""
+    x, w, g = _inputs(lead, 37, x_dtype, w_dtype)
+    ref = _forward_backward(_reference, x.double(), w.double(), g)
+    theirs = _hf_forward_backward(x, w, g)
+    ours = _forward_backward(inplace_rms_norm, x, w, g)
+    assert ours[0].dtype == theirs[0].dtype == torch.promote_types(x_dtype, w_dtype)
+    assert torch.equal(ours[0], theirs[0])
+    for name, o, t, r in zip(["dx", "dw"], ours[1:], theirs[1:], ref[1:]):
+        assert o.dtype == t.dtype
+        assert_within_2x_of_torch(o, t, r, what=f"{name} {x_dtype} {w_dtype}")
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_torch_casting_matches_functional_rms_norm(x_dtype, w_dtype, eps):
+    """``torch.nn.functional.rms_norm`` rounds once and differentiates from ``x``: there the weight gradient
+    of any op that keeps a rounded output errs by up to one more unit roundoff ``u`` of its size."""
+    x, w, g = _inputs((13,), 37, x_dtype, w_dtype)
+    ref = _forward_backward(lambda x, w: _reference(x, w, eps or torch.finfo(x_dtype).eps), x.double(), w.double(), g)
+    theirs = _forward_backward(lambda x, w: F.rms_norm(x, (37,), w, eps), x, w, g)
+    ours = _forward_backward(lambda x, w: inplace_rms_norm(x, w, eps, casting="torch"), x, w, g)
+    u = torch.finfo(x_dtype).eps / 2
+    for name, o, t, r, atol in zip(["y", "dx", "dw"], ours, theirs, ref, [0, 0, u * ref[2].abs().max().item()]):
+        assert o.dtype == t.dtype
+        assert_within_2x_of_torch(o, t, r, atol=atol, what=f"{name} {x_dtype} {w_dtype}")
+
+
+def test_eps_is_used():
+    x, w, g = _inputs((6,), 8, torch.float64, torch.float64)
+    x = x * 1e-3
+    for eps in (1e-6, 1e-2):
+        ours = _forward_backward(lambda x, w: inplace_rms_norm(x, w, eps), x, w, g)
+        for o, r in zip(ours, _forward_backward(lambda x, w: _reference(x, w, eps), x, w, g)):
+            torch.testing.assert_close(o, r)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
+@pytest.mark.parametrize("case", ["zero", "tiny", "huge"])
+def test_fallback_keeps_the_input_and_gives_hf_gradients(x_dtype, w_dtype, case):
+    rows, n = 13, 37
+    x, w, g = _inputs((rows,), n, x_dtype, w_dtype)
+    out_dtype = torch.promote_types(x_dtype, w_dtype)
+    w[5] = {"zero": 0.0, "tiny": torch.finfo(out_dtype).tiny / 4, "huge": torch.finfo(out_dtype).max / 4}[case]
+    meter, _ = _saved(inplace_rms_norm, x.clone().requires_grad_(), nn.Parameter(w))
+    assert meter.total_bytes == rows * n * x.element_size() + rows * 4  # x and rstd (float32)
+    ref = _forward_backward(_reference, x.double(), w.double(), g)
+    theirs = _hf_forward_backward(x, w, g)
+    ours = _forward_backward(inplace_rms_norm, x, w, g)
+    assert torch.equal(ours[0], theirs[0])
+    for name, o, t, r in zip(["dx", "dw"], ours[1:], theirs[1:], ref[1:]):
+        assert torch.equal(torch.isfinite(o), torch.isfinite(t)), name
+        if torch.isfinite(t).all():  # a huge weight may overflow HF's own gradients
+            assert_within_2x_of_torch(o, t, r, what=f"{name} {case}")
+
+
+def test_rebuilding_from_the_output_with_a_zero_weight_is_what_goes_wrong():
+    x, w, g = _inputs((4,), 9, F32, F32)
+    w[0] = 0.0
+    x.requires_grad_()
+    y = InplaceRMSNormFunction.apply(x, w, 1e-6, "llama", F32, "output")
+    (dx,) = torch.autograd.grad(y, x, g.float())
+    assert torch.isnan(dx).all()
+    (dx,) = torch.autograd.grad(inplace_rms_norm(x, w), x, g.float())
+    assert torch.isfinite(dx).all()
+
+
+def test_non_contiguous_and_empty_input():
+    x, w, g = _inputs((37,), 13, F32, F32)
+    xt = x.t().contiguous().t()
+    assert not xt.is_contiguous()
+    for o, r in zip(_forward_backward(inplace_rms_norm, xt, w, g), _hf_forward_backward(xt, w, g)):
+        torch.testing.assert_close(o, r)
+    ours = _forward_backward(inplace_rms_norm, x[:0], w, g[:0])
+    assert ours[0].shape == (0, 13) and torch.equal(ours[2], torch.zeros(13))
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="casting"):
+        inplace_rms_norm(x, torch.ones(4), casting="gemma")
+    with pytest.raises(ValueError, match="last dimension"):
+        inplace_rms_norm(x, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (F16, F16), (BF16, F32)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_and_deepspeed_sees_the_overflow(x_dtype, w_dtype, bad):
+    from deepspeed.runtime.utils import CheckOverflow
+
+    x, w, g = _inputs((5,), 11, x_dtype, w_dtype)
+    w = nn.Parameter(w)
+    x.requires_grad_()
+    y = inplace_rms_norm(x, w)
+    y.backward(g.to(y.dtype))
+    assert not CheckOverflow().has_overflow_serial([w])
+    x.grad = w.grad = None
+    x.data[2, 4] = bad
+    y = inplace_rms_norm(x, w)
+    y.backward(g.to(y.dtype))
+    assert torch.isnan(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+    assert torch.isnan(x.grad[2]).all() and torch.isfinite(x.grad[[0, 1, 3, 4]]).all()
+    assert torch.isnan(w.grad).any()
+    assert CheckOverflow().has_overflow_serial([w])
+
+
+# -- checkpointing, no_grad, autocast ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_every_checkpoint_mode_gives_identical_gradients(fallback):
+    x, w, _ = _inputs((3, 4), 10, F32, F32)
+    if fallback:
+        w[1] = 0.0
+    inputs = [x.requires_grad_(), w.requires_grad_()]
+
+    def fn(x, w):
+        return inplace_rms_norm(x * 1.5, w) * 2.0
+
+    out_ref, grads_ref = run_checkpointed(fn, inputs, "none")
+    for mode in CHECKPOINT_MODES[1:]:
+        out, grads = run_checkpointed(fn, inputs, mode)
+        assert torch.equal(out, out_ref), mode
+        for g, g_ref in zip(grads, grads_ref):
+            assert torch.equal(g, g_ref), mode
+
+
+def test_no_grad_saves_nothing_and_gives_the_same_output():
+    x, w, _ = _inputs((4, 3), 10, BF16, BF16)
+    w[0] = 0.0
+    with torch.no_grad():
+        meter, y0 = _saved(inplace_rms_norm, x, w)
+    assert meter.total_bytes == 0 and y0.grad_fn is None
+    assert torch.equal(y0, inplace_rms_norm(x, w.requires_grad_()))
+
+
+def _block(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), norm(16), nn.Linear(16, 8))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_cpu_autocast_bf16():
+    x = torch.randn(6, 5, 12)
+    models = {"ours": _block(InplaceRMSNorm), "hf": _block(LlamaRMSNorm), "ref": _block(LlamaRMSNorm).double()}
+    results = {}
+    for name, model in models.items():
+        xx = x.detach().to(next(model.parameters()).dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "ref"):
+            y = model(xx)
+            y.sum().backward()
+        results[name] = [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
+    assert results["ours"][0].dtype == results["hf"][0].dtype == torch.bfloat16
+    for o, t, r in zip(results["ours"], results["hf"], results["ref"]):
+        assert o.dtype == t.dtype
+        assert_within_2x_of_torch(o, t, r, what="autocast")
+
+
+@pytest.mark.parametrize("mode", ["torch_reentrant", "torch_non_reentrant", "deepspeed", "no_grad_recompute"])
+def test_checkpoint_under_autocast_recomputes_the_same(mode):
+    model = _block(InplaceRMSNorm)
+    x = torch.randn(6, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, grads_ref = run_checkpointed(model, [x], "none")
+        out, grads = run_checkpointed(model, [x], mode)
+    assert torch.equal(out, out_ref) and torch.equal(grads[0], grads_ref[0])
+
+
+# -- memory --------------------------------------------------------------------------------------------
+
+def test_saves_output_and_rstd_only_and_the_next_linear_shares_the_output():
+    s, b, h = 16, 3, 40
+    x = torch.randn(s, b, h, dtype=BF16, requires_grad=True)
+    norm = InplaceRMSNorm(h).to(BF16)
+    meter, _ = _saved(norm, x, model=norm)
+    assert meter.total_bytes == s * b * h * 2 + s * b * 4
+    ours = nn.Sequential(InplaceRMSNorm(h), nn.Linear(h, h)).to(BF16)
+    hf = nn.Sequential(LlamaRMSNorm(h), nn.Linear(h, h)).to(BF16)
+    linear_alone, _ = _saved(hf[1], x, model=hf[1])
+    ours_meter, _ = _saved(ours, x, model=ours)
+    hf_meter, _ = _saved(hf, x, model=hf)
+    assert linear_alone.total_bytes == s * b * h * 2
+    assert ours_meter.total_bytes == linear_alone.total_bytes + s * b * 4
+    # HF: the float32 copy of x, rstd, the bfloat16 x*rstd, and the Linear's input (the output)
+    assert hf_meter.total_bytes == s * b * h * 4 + s * b * 4 + s * b * h * 2 + s * b * h * 2
+
+
+# -- module --------------------------------------------------------------------------------------------
+
+def test_module_is_a_drop_in_for_llama_rms_norm():
+    hf = _hf(torch.rand(24) + 0.5, eps=1e-5).to(BF16)
+    ours = InplaceRMSNorm(24, eps=1e-5).to(BF16)
+    ours.load_state_dict(hf.state_dict())
+    assert list(ours.state_dict()) == ["weight"] and ours.variance_epsilon == 1e-5
+    x = torch.randn(3, 5, 24, dtype=BF16)
+    assert torch.equal(ours(x), hf(x))
+    ours.variance_epsilon = 1e-3
+    assert ours.eps == 1e-3
+
+
+@pytest.mark.parametrize("cls", [LlamaRMSNorm, Qwen2RMSNorm])
+def test_from_module_takes_llama_rms_norm_and_its_copies(cls):
+    hf = cls(24, eps=1e-5)
+    hf.eval()
+    ours = InplaceRMSNorm.from_module(hf)
+    assert ours.weight is hf.weight and (ours.eps, ours.casting, ours.training) == (1e-5, "llama", False)
+    x = torch.randn(3, 24, dtype=BF16)
+    assert torch.equal(ours(x), hf(x))
+
+
+def test_from_module_takes_torch_rms_norm_with_its_rounding():
+    for dtype in (F32, BF16):
+        torch_norm = nn.RMSNorm(24).to(dtype)
+        ours = InplaceRMSNorm.from_module(torch_norm)
+        assert ours.weight is torch_norm.weight and (ours.eps, ours.casting) == (None, "torch")
+        x = torch.randn(3, 24, dtype=dtype)
+        torch.testing.assert_close(ours(x), torch_norm(x))
+    no_weight = InplaceRMSNorm.from_module(nn.RMSNorm(24, eps=1e-4, elementwise_affine=False))
+    assert no_weight.weight is None
+    torch.testing.assert_close(no_weight(x), F.rms_norm(x, (24,), eps=1e-4))
+
+
+@pytest.mark.parametrize("module", [GemmaRMSNorm(8), T5LayerNorm(8), nn.RMSNorm((2, 4)), nn.LayerNorm(8)])
+def test_from_module_refuses_what_computes_something_else(module):
+    with pytest.raises(TypeError):
+        InplaceRMSNorm.from_module(module)
+
+
+# -- Triton kernel (interpreter) -----------------------------------------------------------------------
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run the kernels under Triton's interpreter on CPU tensors. ``triton.jit`` picks the interpreter
+    when the kernel module is imported, so the module is reloaded with the variables set (and after)."""
+    pytest.importorskip("triton")
+    module = importlib.import_module("tempo_ds.kernels.layer_norm")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
+    importlib.reload(module)
+    calls = []
+    for name in ("norm_forward", "norm_backward"):
+        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    yield SimpleNamespace(env=monkeypatch, calls=calls)
+    monkeypatch.undo()
+    importlib.reload(module)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
+@pytest.mark.parametrize("casting", ["llama", "torch"])
+@pytest.mark.parametrize("variant", ["weight", "no_weight", "fallback"])
+def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, x_dtype, w_dtype, casting, variant):
+    x, w, g = _inputs((2, 3), 37, x_dtype, w_dtype)
+    if variant == "fallback":
+        w[4] = 0.0
+    weight = None if variant == "no_weight" else w
+
+    def fn(x, w):
+        return inplace_rms_norm(x, w, casting=casting)
+
+    kernel = _forward_backward(fn, x, weight, g)
+    assert triton_interpreter.calls == ["norm_forward", "norm_backward"]
+    triton_interpreter.env.setenv("TEMPO_DS_TRITON", "0")
+    torch_path = _forward_backward(fn, x, weight, g)
+    for k, t in zip(kernel, torch_path):
+        assert k.dtype == t.dtype and k.shape == t.shape
+        # one ulp of the 16-bit dtype: the kernel sums and takes rsqrt in another order, which can flip a
+        # rounding, and the interpreter rounds float32 -> bfloat16 towards zero
+        low = [d for d in (x_dtype, k.dtype) if d in (BF16, F16)]
+        tol = max(torch.finfo(d).eps for d in low) if low else 1e-5
+        torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())
+
+
+def test_triton_kernel_saves_output_and_rstd(triton_interpreter):
+    x, w, _ = _inputs((3, 2), 20, BF16, BF16)
+    meter, _ = _saved(inplace_rms_norm, x.requires_grad_(), nn.Parameter(w))
+    assert meter.total_bytes == 6 * 20 * 2 + 6 * 4
+    assert triton_interpreter.calls == ["norm_forward"]
