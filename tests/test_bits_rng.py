@@ -57,3 +57,14 @@ def test_thresholds_and_seed_source():
     a = draw_seed()
     torch.manual_seed(3)
     assert draw_seed() == a   # drawn from the default generator, so checkpoints replay it
+
+
+def test_int32_hash_path_equals_the_int64_definition():
+    from tempo_ds.ops._rng import C_HI, M32
+
+    def definition(seed, index):
+        key = mix32(((index >> 32) * C_HI + seed) & M32)
+        return mix32((mix32((index & M32) ^ key) + key) & M32)
+
+    for index in (torch.arange(0, 70_000), torch.arange(2**32 - 50, 2**32 + 50), torch.arange(2**33, 2**33 + 9)):
+        assert torch.equal(uniform_u32(12345, index), definition(12345, index))

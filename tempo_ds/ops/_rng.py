@@ -38,10 +38,35 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int32_(x: torch.Tensor) -> torch.Tensor:
+    """``mix32`` in place on int32 tensors: multiplication wraps mod 2**32 and the shifts are masked to be
+    logical, so the bits equal the int64 definition at a quarter of the memory traffic."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= C1
+    x ^= (x >> 15) & 0x1FFFF
+    x *= C2
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def _as_int32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def uniform_u32(seed: int, index: torch.Tensor) -> torch.Tensor:
     """The hash of each int64 element index under ``seed``, as int64 values in [0, 2**32)."""
-    key = mix32(((index >> 32) * C_HI + seed) & M32)
-    return mix32((mix32((index & M32) ^ key) + key) & M32)
+    hi = index >> 32
+    first = hi.reshape(-1)[:1]
+    if index.numel() and bool((hi == first).all()):  # the usual case: one 2**32 window, one key
+        key = _as_int32(int(mix32((first * C_HI + seed) & M32).item()))
+    else:
+        key = mix32((hi * C_HI + seed) & M32)
+        key = torch.where(key >= 1 << 31, key - (1 << 32), key).to(torch.int32)
+    x = (index & M32).to(torch.int32)
+    x ^= key
+    _mix32_int32_(x)
+    x += key
+    return _mix32_int32_(x).to(torch.int64) & M32
 
 
 def drop_threshold(p: float) -> int:
