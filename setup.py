@@ -29,9 +29,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.ops", "tempo_ds.nn", "tempo_ds.kernels"],
+    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.fewbit", "tempo_ds.ops", "tempo_ds.nn", "tempo_ds.kernels"],
     package_dir={"tempo_ds": "tempo_ds", "tempo_ds.kernels": "kernels"},
-    package_data={"tempo_ds.data": ["*.txt.gz", "PROVENANCE.md"]},
+    package_data={"tempo_ds.data": ["*.txt.gz", "PROVENANCE.md"], "tempo_ds.fewbit": ["tables.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import __version__, presets
+from .fewbit.cli import add_parser as add_fewbit_tables
 
 
 def _add_profile(sub) -> None:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_profile(sub)
+    add_fewbit_tables(sub)
     return parser
 
 
