@@ -1,10 +1,17 @@
 """tempo_ds: cut the activation memory of transformer training without changing what it computes.
 
+    report = tempo_ds.inject(model, config=None, **overrides)   # before deepspeed.initialize
+    tempo_ds.revert(model)
+
 Heavy dependencies (transformers, deepspeed) are imported by the modules that need them, not here.
 """
-from . import memory
+from . import memory, ops, policies
+from .config import TempoConfig, TempoConfigError
+from .inject import InjectionReport, inject, is_injected, revert
 from .memory import SavedTensorMeter
+from .policies import Policy, register_policy
 
 __version__ = "0.1.0"
 
-__all__ = ["memory", "SavedTensorMeter", "__version__"]
+__all__ = ["inject", "revert", "is_injected", "InjectionReport", "TempoConfig", "TempoConfigError", "Policy",
+           "register_policy", "SavedTensorMeter", "memory", "ops", "policies", "__version__"]

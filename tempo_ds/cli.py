@@ -41,11 +41,48 @@ def _run_profile(args) -> int:
     return 0
 
 
+def _add_bench_ops(sub) -> None:
+    p = sub.add_parser("bench-ops", help="each tempo_ds op vs the PyTorch op it replaces: saved bytes and time",
+                       description="Side by side in one run: bytes saved for backward (meter) and forward+backward "
+                       "time of each tempo_ds op and the PyTorch op it replaces, as a Markdown table.")
+    p.add_argument("--tokens", type=int, default=1024, help="rows = sequence x batch (default 1024)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512, help="attention sequence length (default 512)")
+    p.add_argument("--dtype", choices=tuple(presets.DTYPES), default="bf16")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions; the best is kept")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", default=None)
+    p.set_defaults(func=_run_bench_ops)
+
+
+def _run_bench_ops(args) -> int:
+    import torch
+
+    from .bench_ops import dump_json, markdown, run
+
+    for name in ("tokens", "hidden", "heads", "seq", "reps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} must be >= 1")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden={args.hidden} must be a multiple of --heads={args.heads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(args.tokens, args.hidden, args.heads, args.seq, args.dtype, args.reps)
+    print(f"tempo-ds bench-ops: dtype={args.dtype} tokens={args.tokens} hidden={args.hidden} heads={args.heads} "
+          f"seq={args.seq} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(markdown(results))
+    if args.json:
+        dump_json(results, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempo-ds", description="Memory-lean transformer training tools.")
     parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_profile(sub)
+    _add_bench_ops(sub)
     add_fewbit_tables(sub)
     return parser
 

@@ -1,26 +1,15 @@
-"""Modules over ``tempo_ds.ops``: drop-in replacements for their ``torch.nn`` counterparts.
+"""Modules over ``tempo_ds.ops``: drop-in replacements for their ``torch.nn`` counterparts."""
+from .attention import LeanAttention
+from .dropout import SeedDropout
+from .fewbit import (FewBitActivation, FewBitCELU, FewBitELU, FewBitGELU, FewBitHardswish, FewBitHardtanh,
+                     FewBitLeakyReLU, FewBitLogSigmoid, FewBitMish, FewBitReLU, FewBitReLU6, FewBitSELU,
+                     FewBitSigmoid, FewBitSiLU, FewBitSoftplus, FewBitSoftsign, FewBitTanh, FewBitTanhshrink)
+from .gelu import InplaceGELU
+from .gelu_linear import GeluLinear
+from .layer_norm import InplaceLayerNorm
+from .rms_norm import InplaceRMSNorm
 
-Names are resolved lazily so that importing ``tempo_ds.nn`` stays cheap.
-"""
-import importlib
-
-_WHERE = {
-    "InplaceGELU": "gelu",
-    "GeluLinear": "gelu_linear",
-    "InplaceLayerNorm": "layer_norm",
-    "InplaceRMSNorm": "rms_norm",
-    "SeedDropout": "dropout",
-    "LeanAttention": "attention",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["LeanAttention", "SeedDropout", "InplaceGELU", "GeluLinear", "InplaceLayerNorm", "InplaceRMSNorm",
+           "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
+           "FewBitELU", "FewBitCELU", "FewBitSELU", "FewBitMish", "FewBitLogSigmoid", "FewBitSoftsign",
+           "FewBitTanhshrink", "FewBitHardswish", "FewBitReLU", "FewBitLeakyReLU", "FewBitReLU6", "FewBitHardtanh"]

@@ -1,28 +1,14 @@
 """Functional ops, shaped like ``torch.nn.functional``. Each is a thin wrapper over an autograd Function
 that keeps fewer bytes for backward than the PyTorch op, with a PyTorch path for any device and a Triton
-kernel (``tempo_ds.kernels``) on CUDA.
-
-Names are resolved lazily so that importing ``tempo_ds.ops`` stays cheap.
+kernel (``tempo_ds.kernels``) on CUDA. Triton itself is imported only when a kernel runs.
 """
-import importlib
+from .attention import attention
+from .dropout import seed_dropout
+from .fewbit import fewbit
+from .gelu import inplace_gelu
+from .gelu_linear import gelu_linear
+from .layer_norm import inplace_layer_norm
+from .rms_norm import inplace_rms_norm
 
-_WHERE = {
-    "inplace_gelu": "gelu",
-    "gelu_linear": "gelu_linear",
-    "inplace_layer_norm": "layer_norm",
-    "inplace_rms_norm": "rms_norm",
-    "attention": "attention",
-    "seed_dropout": "dropout",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["attention", "fewbit", "gelu_linear", "inplace_gelu", "inplace_layer_norm", "inplace_rms_norm",
+           "seed_dropout"]

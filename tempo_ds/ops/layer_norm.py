@@ -58,7 +58,6 @@ output (``torch.sigmoid``, ``torch.exp``), modifying ``y`` in place before backw
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -66,6 +65,7 @@ import torch
 
 from tempo_ds.ops._autocast import custom_bwd, custom_fwd
 from tempo_ds.ops._dispatch import use_triton
+from tempo_ds.ops._zero import gathered
 
 __all__ = ["inplace_layer_norm", "InplaceLayerNormFunction", "output_is_invertible", "BIAS_RATIO_LIMIT"]
 
@@ -89,18 +89,6 @@ def output_is_invertible(weight: torch.Tensor | None, bias: torch.Tensor | None,
     b = bias.detach().abs().to(w.dtype) if bias is not None else torch.zeros_like(w)
     ok = (w >= info.tiny) & (b <= BIAS_RATIO_LIMIT * w) & (w * math.sqrt(n) + b <= info.max)
     return bool(ok.all())
-
-
-def gathered(*params: torch.Tensor | None):
-    """Context in which DeepSpeed ZeRO-3 parameters partitioned away (``ds_status`` NOT_AVAILABLE) are
-    gathered, and released after (DESIGN.md section 5, rule 7); a no-op for ordinary tensors."""
-    partitioned = [p for p in params if p is not None and getattr(getattr(p, "ds_status", None), "name", None)
-                   == "NOT_AVAILABLE"]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def fits_kernel(x: torch.Tensor, n: int) -> bool:

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 
 from tempo_ds.ops._autocast import custom_bwd, custom_fwd
-from tempo_ds.ops.layer_norm import acc_dtype, fits_kernel, gathered, output_is_invertible, rebuild_xhat
+from tempo_ds.ops._zero import gathered
+from tempo_ds.ops.layer_norm import acc_dtype, fits_kernel, output_is_invertible, rebuild_xhat
 
 __all__ = ["inplace_rms_norm", "InplaceRMSNormFunction"]
 
