@@ -25,19 +25,32 @@ def _add_profile(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json "
                    "(default: trained on the embedded corpus, cached)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the profile as JSON ('-' = stdout)")
+    p.add_argument("--tempo", action="store_true", help="also profile the model with tempo_ds injected "
+                   "(default techniques, or --tempo_config)")
+    p.add_argument("--tempo_config", default=None, metavar="JSON", help="tempo settings: a JSON file, inline "
+                   "JSON, or a DeepSpeed config with a \"tempo\" section (implies --tempo)")
+    p.add_argument("--techniques", action="store_true", help="also profile each technique alone")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the profiles as JSON ('-' = stdout)")
     p.set_defaults(func=_run_profile)
 
 
 def _run_profile(args) -> int:
-    from .profile import dump_json, profile
+    from .config import TempoConfig
+    from .profile import compare, comparison_table, dump_json, variants
 
-    result = profile(args.arch, args.size, seq=args.seq, batch=args.batch, dtype=args.dtype, attn=args.attn,
-                     layers=args.layers, data=args.data, tokenizer=args.tokenizer, seed=args.seed)
+    tempo = None
+    if args.tempo or args.tempo_config:
+        tempo = TempoConfig.build(args.tempo_config).model_dump()  # validated before any model is built
+    results = compare(args.arch, args.size, seq=args.seq, batch=args.batch, dtype=args.dtype, attn=args.attn,
+                      layers=args.layers, data=args.data, tokenizer=args.tokenizer, seed=args.seed,
+                      runs=variants(tempo, args.techniques))
     if args.json != "-":
-        print(result.summary())
+        for result in results:
+            print(result.summary())
+        if len(results) > 1:
+            print(comparison_table(results))
     if args.json:
-        dump_json([result], args.json)
+        dump_json(results, args.json)
     return 0
 
 

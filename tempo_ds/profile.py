@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import presets
+from .config import TempoConfig
 from .memory import SavedTensorMeter
 
 
@@ -26,6 +27,8 @@ class Profile:
     total_bytes: int
     per_layer_bytes: list[int]
     layer_by_op: dict[str, int] = field(default_factory=dict)
+    variant: str = "baseline"
+    tempo: dict | None = None  # the TempoConfig applied, None for the untouched model
 
     @property
     def bytes_per_layer(self) -> int:
@@ -49,8 +52,8 @@ class Profile:
     def summary(self) -> str:
         mib = 2.0**20
         lines = [
-            f"{self.arch}-{self.size} seq={self.seq} batch={self.batch} dtype={self.dtype} attn={self.attn} "
-            f"layers={self.layers} hidden={self.hidden} heads={self.heads}",
+            f"{self.variant}: {self.arch}-{self.size} seq={self.seq} batch={self.batch} dtype={self.dtype} "
+            f"attn={self.attn} layers={self.layers} hidden={self.hidden} heads={self.heads}",
             f"  saved for backward, total     {self.total_bytes / mib:12.2f} MiB",
             f"  per layer (middle layer)      {self.bytes_per_layer / mib:12.2f} MiB  = "
             f"{self.sbh_per_layer:.2f} sbh",
@@ -71,14 +74,52 @@ def measure(model, batch: dict) -> SavedTensorMeter:
     return meter
 
 
+BASELINE = "baseline"
+TECHNIQUES = {  # each technique alone, the others off
+    "gelu=recompute": {"gelu": "recompute"},
+    "gelu=inplace": {"gelu": "inplace"},
+    "gelu=fewbit (2 bit)": {"gelu": "fewbit"},
+    "norm=inplace": {"norm": "inplace"},
+    "attention=lean": {"attention": "lean"},
+    "attention=tempo": {"attention": "tempo"},
+    "dropout=seed": {"dropout": "seed"},
+}
+ALL_OFF = {"gelu": "off", "silu": "off", "norm": "off", "attention": "off", "dropout": "off"}
+
+
+def variants(tempo: dict | None = None, techniques: bool = False) -> dict[str, dict | None]:
+    """The runs of a comparison: the untouched model, tempo_ds (``tempo``: a config dict, defaults if
+    empty) and, with ``techniques``, each technique alone."""
+    out: dict[str, dict | None] = {BASELINE: None}
+    if tempo is not None:
+        out["tempo_ds"] = tempo
+    if techniques:
+        out.update({f"only {name}": {**ALL_OFF, **cfg} for name, cfg in TECHNIQUES.items()})
+    return out
+
+
 def profile(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: int = 2, dtype: str = "bf16",
             attn: str = "eager", layers: int | None = None, data: str | None = None,
-            tokenizer: str | None = None, seed: int = 0) -> Profile:
-    """Build the preset (random weights), feed it one batch of real text, and meter the forward pass."""
+            tokenizer: str | None = None, seed: int = 0, tempo: dict | None = None) -> Profile:
+    """One profile: the preset with ``tempo`` injected (a config dict), or untouched when None."""
+    runs = {BASELINE if tempo is None else "tempo_ds": tempo}
+    return compare(arch, size, seq=seq, batch=batch, dtype=dtype, attn=attn, layers=layers, data=data,
+                   tokenizer=tokenizer, seed=seed, runs=runs)[0]
+
+
+def compare(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: int = 2, dtype: str = "bf16",
+            attn: str = "eager", layers: int | None = None, data: str | None = None,
+            tokenizer: str | None = None, seed: int = 0, runs: dict[str, dict | None] | None = None
+            ) -> list[Profile]:
+    """Build the preset once (random weights), feed it one batch of real text, and meter a forward pass
+    per run: ``runs`` maps a label to a TempoConfig dict (injected, then reverted) or None (untouched)."""
     from .data import lm_batches, load_texts, load_tokenizer, sample_batch, token_stream
+    from .inject import inject, revert
 
     if seq < 1 or batch < 1:
         raise ValueError(f"seq={seq} and batch={batch} must both be >= 1")
+    runs = runs if runs is not None else {BASELINE: None}
+    configs = {label: None if cfg is None else TempoConfig.build(cfg) for label, cfg in runs.items()}
     tok = load_tokenizer(tokenizer)
     model = presets.build_model(arch, size, dtype=dtype, vocab_size=len(tok), max_seq=seq, attn=attn,
                                 layers=layers, seed=seed)
@@ -87,16 +128,31 @@ def profile(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: in
     else:
         ids = token_stream(load_texts(data), tok)
         inputs = next(lm_batches(ids, seq, batch, mlm=arch in presets.MLM_ARCHS, tokenizer=tok, seed=seed))
-    torch.manual_seed(seed)
-    meter = measure(model, inputs)
     d = presets.dims(model.config)
-    per_layer = meter.per_layer
-    middle = len(per_layer) // 2
-    by_op: dict[str, int] = {}
-    for record in meter.layer_records(middle):
-        by_op[record.op or "<unlabelled>"] = by_op.get(record.op or "<unlabelled>", 0) + record.nbytes
-    return Profile(arch, size, seq, batch, dtype, attn, d["layers"], d["hidden"], d["heads"],
-                   meter.total_bytes, per_layer, by_op)
+    results = []
+    for label, cfg in configs.items():
+        if cfg is not None:
+            inject(model, cfg)
+        torch.manual_seed(seed)
+        meter = measure(model, inputs)
+        revert(model)
+        per_layer = meter.per_layer
+        by_op: dict[str, int] = {}
+        for record in meter.layer_records(len(per_layer) // 2):
+            by_op[record.op or "<unlabelled>"] = by_op.get(record.op or "<unlabelled>", 0) + record.nbytes
+        results.append(Profile(arch, size, seq, batch, dtype, attn, d["layers"], d["hidden"], d["heads"],
+                               meter.total_bytes, per_layer, by_op, label,
+                               None if cfg is None else cfg.model_dump()))
+    return results
+
+
+def comparison_table(profiles: list[Profile]) -> str:
+    """Markdown: bytes and sbh per layer of each run, and the ratio to the first (the baseline)."""
+    base = profiles[0].bytes_per_layer or 1
+    lines = ["| run | bytes per layer | sbh per layer | vs " + profiles[0].variant + " |", "|---|---|---|---|"]
+    for p in profiles:
+        lines.append(f"| {p.variant} | {p.bytes_per_layer:,} | {p.sbh_per_layer:.2f} | {p.bytes_per_layer / base:.3f} |")
+    return "\n".join(lines)
 
 
 def dump_json(profiles: list[Profile], path: str) -> None:

@@ -67,3 +67,24 @@ def test_bad_choice_lists_allowed_values(capsys):
         main(["profile", "--arch", "t5"])
     assert exc.value.code == 2
     assert "bert" in capsys.readouterr().err
+
+
+def test_profile_with_tempo_and_each_technique(tmp_path):
+    out = tmp_path / "cmp.json"
+    assert main(["profile", "--arch", "bert", "--size", "tiny", "--seq", "32", "--batch", "2", "--tempo",
+                 "--techniques", "--json", str(out)]) == 0
+    runs = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert list(runs)[:2] == ["baseline", "tempo_ds"] and len(runs) == 9
+    assert runs["baseline"]["tempo"] is None and runs["tempo_ds"]["tempo"]["gelu"] == "recompute"
+    s, b, h, a, i = 32, 2, 128, 2, 512
+    # all exact techniques: LayerNorm outputs, q, k, v, attention output, GELU input (bf16) + rstd and lse (fp32)
+    assert runs["tempo_ds"]["per_layer_bytes"][1] == 2 * s * b * (6 * h + i) + 4 * s * b * 2 + 4 * b * a * s
+    for name, run in runs.items():
+        if name != "baseline":
+            assert run["bytes_per_layer"] < runs["baseline"]["bytes_per_layer"], name
+
+
+def test_bad_tempo_config_fails_before_any_model_is_built(capsys):
+    assert main(["profile", "--tempo_config", '{"gelu": "fast"}']) == 2
+    err = capsys.readouterr().err
+    assert "gelu" in err and "'inplace', 'recompute', 'fewbit' or 'off'" in err

@@ -154,15 +154,15 @@ def test_regenerating_reproduces_the_shipped_file():
 
 
 def test_fewbit_tables_command_checks_and_writes(tmp_path, capsys):
-    args = argparse.Namespace(out=None, check=True, functions="gelu,hardswish")
+    args = argparse.Namespace(out=None, check=True, errors=False, functions="gelu,hardswish")
     assert run_fewbit_tables(args) == 0
     assert "2 function(s) reproduced exactly" in capsys.readouterr().out
     out = tmp_path / "t.json"
-    assert run_fewbit_tables(argparse.Namespace(out=str(out), check=False, functions="gelu")) == 0
+    assert run_fewbit_tables(argparse.Namespace(out=str(out), check=False, errors=False, functions="gelu")) == 0
     doc = tables.load(out)
     assert doc["tables"]["gelu"] == tables.load()["tables"]["gelu"]
     with pytest.raises(ValueError, match="unknown or exact"):
-        run_fewbit_tables(argparse.Namespace(out=None, check=True, functions="relu"))
+        run_fewbit_tables(argparse.Namespace(out=None, check=True, errors=False, functions="relu"))
 
 
 def test_ours_versus_the_published_tables():
@@ -202,3 +202,14 @@ def test_table_api():
         table("swish", 2)
     with pytest.raises(ValueError, match="unknown weight"):
         solve("gelu", 2, weight="laplace")
+
+
+def test_errors_report_lists_each_shipped_table(capsys):
+    from tempo_ds.cli import main
+
+    assert main(["fewbit-tables", "--errors", "--functions", "gelu,silu"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| function | 1 bit | 2 bit | 3 bit | 4 bit |"
+    gelu = [float(v) for v in rows[2].split("|")[2:6]]
+    assert rows[2].startswith("| gelu |") and gelu == sorted(gelu, reverse=True)
+    assert gelu[2] == pytest.approx(l2_error("gelu", table("gelu", 3)), rel=1e-5)

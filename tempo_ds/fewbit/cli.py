@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", metavar="PATH", default=None, help="write here instead of the shipped file ('-' = stdout)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 unless regenerating gives exactly "
                    "the shipped entries (with --functions: those functions' entries)")
+    p.add_argument("--errors", action="store_true", help="write nothing; print the L2 error of each shipped "
+                   "table (integral of (f' - q)^2 under the tables' weight) as a Markdown table")
     p.add_argument("--functions", default=None, metavar="NAMES",
                    help=f"comma-separated subset (default: all of {', '.join(SMOOTH)})")
     p.set_defaults(func=_run)
@@ -31,6 +33,9 @@ def _run(args) -> int:
     unknown = [n for n in names if n not in SMOOTH]
     if unknown:
         raise ValueError(f"unknown or exact function(s) {', '.join(unknown)}; smooth functions: {', '.join(SMOOTH)}")
+    if args.errors:
+        print(_error_table(names))
+        return 0
     doc = tables.generate(names, progress=lambda n: print(f"solved {n}", file=sys.stderr))
     if args.check:
         shipped = tables.load(tables.SHIPPED)
@@ -52,3 +57,13 @@ def _run(args) -> int:
         out.write_text(text, encoding="utf-8")
         print(f"wrote {out} ({len(names)} functions x {len(tables.BITS)} bit widths)")
     return 0
+
+
+def _error_table(names) -> str:
+    from .solver import l2_error
+    from .tables import BITS, table
+
+    lines = ["| function | " + " | ".join(f"{b} bit" for b in BITS) + " |", "|---|" + "---|" * len(BITS)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{l2_error(name, table(name, b)):.6g}" for b in BITS) + " |")
+    return "\n".join(lines)
