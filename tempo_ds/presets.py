@@ -1,6 +1,7 @@
 """Model presets: HuggingFace model classes built from small configs (no downloads).
 
-Sizes follow the published models: BERT/RoBERTa base and large, GPT-2 small (124M) and large (774M),
+Sizes follow the published models: BERT/RoBERTa base and large, GPT-2 small (124M, ``base``), medium (355M)
+and large (774M),
 Llama-3.2-1B-shaped ``base`` and Llama-2-7B-shaped ``large``. ``tiny`` is a 2-layer, h=128 model for
 tests and CPU runs.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("bert", "roberta", "gpt2", "llama")
-SIZES = ("tiny", "base", "large")
+SIZES = ("tiny", "base", "medium", "large")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN = ("eager", "sdpa")
 MLM_ARCHS = ("bert", "roberta")
@@ -18,7 +19,8 @@ MLM_ARCHS = ("bert", "roberta")
 _SHAPES = {
     "bert": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)},
     "roberta": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)},
-    "gpt2": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (36, 1280, 20, 5120)},
+    "gpt2": {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "medium": (24, 1024, 16, 4096),
+             "large": (36, 1280, 20, 5120)},
     "llama": {"tiny": (2, 128, 4, 344, 2), "base": (16, 2048, 32, 8192, 8), "large": (32, 4096, 32, 11008, 32)},
 }
 
@@ -36,6 +38,8 @@ def model_config(arch: str, size: str = "tiny", *, vocab_size: int = 8192, max_s
     _choice("attn", attn, ATTN)
     import transformers
 
+    if size not in _SHAPES[arch]:
+        raise ValueError(f"size={size!r} is not defined for {arch}; allowed values: {', '.join(_SHAPES[arch])}")
     n_layers, hidden, heads, inter, *kv = _SHAPES[arch][size]
     if layers is not None:
         if layers < 1:

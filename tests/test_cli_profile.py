@@ -88,3 +88,9 @@ def test_bad_tempo_config_fails_before_any_model_is_built(capsys):
     assert main(["profile", "--tempo_config", '{"gelu": "fast"}']) == 2
     err = capsys.readouterr().err
     assert "gelu" in err and "'inplace', 'recompute', 'fewbit' or 'off'" in err
+
+
+def test_sizes_are_checked_per_arch():
+    assert presets.model_config("gpt2", "medium").n_layer == 24
+    with pytest.raises(ValueError, match="size='medium' is not defined for bert; allowed values: tiny, base, large"):
+        presets.model_config("bert", "medium")
