@@ -79,6 +79,7 @@ TECHNIQUES = {  # each technique alone, the others off
     "gelu=recompute": {"gelu": "recompute"},
     "gelu=inplace": {"gelu": "inplace"},
     "gelu=fewbit (2 bit)": {"gelu": "fewbit"},
+    "silu=fewbit (2 bit)": {"silu": "fewbit"},
     "norm=inplace": {"norm": "inplace"},
     "attention=lean": {"attention": "lean"},
     "attention=tempo": {"attention": "tempo"},
