@@ -205,32 +205,14 @@ def test_bad_approximate_names_the_allowed_values():
             call()
 
 
-def test_zero3_partitioned_weights_are_gathered_in_backward(monkeypatch):
+def test_zero3_partitioned_weights_are_gathered_in_backward(zero3_gather):
     """A weight that ZeRO-3 partitioned away between forward and backward is gathered for the backward."""
-    import deepspeed
-
-    class Status:
-        name = "NOT_AVAILABLE"
-
-    gathered = []
-
-    class FakeGather:
-        def __init__(self, params):
-            self.params = params
-
-        def __enter__(self):
-            gathered.append(self.params)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", FakeGather)
     lin = GeluLinear(5, 3)
     x = torch.randn(2, 5, requires_grad=True)
     out = lin(x)
-    lin.weight.ds_status = lin.bias.ds_status = Status()
+    zero3_gather.partition(lin.weight, lin.bias)
     out.sum().backward()
-    assert gathered == [[lin.weight, lin.bias]] and lin.weight.grad is not None
+    assert zero3_gather.gathered == [[lin.weight, lin.bias]] and lin.weight.grad is not None
 
 
 def test_inplace_gelu_module_then_linear_equals_gelu_linear_in_value():

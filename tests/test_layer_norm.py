@@ -1,6 +1,4 @@
 """In-place LayerNorm: PyTorch's results from the output instead of the input, for any weight."""
-import importlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ AFFINE = ["weight_and_bias", "weight_only", "bias_only", "none"]
 
 @pytest.fixture(autouse=True)
 def pytorch_path(monkeypatch):
-    """Tests run the PyTorch path whatever the environment, unless they ask for ``triton_interpreter``."""
+    """Tests run the PyTorch path whatever the environment, unless they ask for ``layer_norm_kernel``."""
     monkeypatch.setenv("TEMPO_DS_TRITON", "0")
 
 
@@ -315,67 +313,31 @@ def test_from_module_reuses_the_parameter_objects():
         InplaceLayerNorm.from_module(nn.RMSNorm(24))
 
 
-def test_zero3_partitioned_weights_are_gathered_in_backward(monkeypatch):
+def test_zero3_partitioned_weights_are_gathered_in_backward(zero3_gather):
     """A weight that ZeRO-3 partitioned away between forward and backward is gathered for the backward."""
-    import deepspeed
-
-    class Status:
-        name = "NOT_AVAILABLE"
-
-    gathered = []
-
-    class FakeGather:
-        def __init__(self, params):
-            self.params = params
-
-        def __enter__(self):
-            gathered.append(self.params)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", FakeGather)
     x, w, b, g = _inputs((4,), (6,), torch.float32)
     w, b = nn.Parameter(w), nn.Parameter(b)
     y = inplace_layer_norm(x, 6, w, b)
-    w.ds_status = b.ds_status = Status()
+    zero3_gather.partition(w, b)
     y.backward(g)
-    assert gathered == [[w, b]] and w.grad is not None
+    assert zero3_gather.gathered == [[w, b]] and w.grad is not None
 
 
 # -- Triton kernel (interpreter) -----------------------------------------------------------------------
 
-@pytest.fixture
-def triton_interpreter(monkeypatch):
-    """Run the kernels under Triton's interpreter on CPU tensors. ``triton.jit`` picks the interpreter
-    when the kernel module is imported, so the module is reloaded with the variables set (and after)."""
-    pytest.importorskip("triton")
-    module = importlib.import_module("tempo_ds.kernels.layer_norm")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
-    importlib.reload(module)
-    calls = []
-    for name in ("norm_forward", "norm_backward"):
-        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
-            calls.append(_name)
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
-    yield SimpleNamespace(env=monkeypatch, calls=calls)
-    monkeypatch.undo()
-    importlib.reload(module)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("affine, fallback", [(a, False) for a in AFFINE] + [(a, True) for a in AFFINE[:2]])
-def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, dtype, affine, fallback):
+def test_triton_kernel_matches_the_pytorch_path(layer_norm_kernel, dtype, affine, fallback):
     x, w, b, g = _inputs((6,), (37,), dtype, affine)
     if fallback:
         w[4] = 0.0
     kernel = _forward_backward(inplace_layer_norm, x, (37,), w, b, g)
-    assert triton_interpreter.calls == ["norm_forward", "norm_backward"]
-    triton_interpreter.env.setenv("TEMPO_DS_TRITON", "0")
+    assert layer_norm_kernel.calls == ["norm_forward", "norm_backward"]
+    layer_norm_kernel.env.setenv("TEMPO_DS_TRITON", "0")
     torch_path = _forward_backward(inplace_layer_norm, x, (37,), w, b, g)
-    assert len(triton_interpreter.calls) == 2
+    assert len(layer_norm_kernel.calls) == 2
     for k, t in zip(kernel, torch_path):
         assert k.dtype == t.dtype and k.shape == t.shape
         # one ulp of a 16-bit dtype: the kernel sums in another order, which can flip a rounding, and the
@@ -384,7 +346,7 @@ def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, dtype, affin
         torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())
 
 
-def test_triton_kernel_saves_output_and_rstd_and_handles_odd_layouts(triton_interpreter):
+def test_triton_kernel_saves_output_and_rstd_and_handles_odd_layouts(layer_norm_kernel):
     x, w, b, g = _inputs((3, 2), (4, 5), torch.float32)
     meter, _ = _saved(inplace_layer_norm, x.requires_grad_(), (4, 5), nn.Parameter(w), nn.Parameter(b))
     assert meter.total_bytes == 6 * 20 * 4 + 6 * 4  # y and rstd [6] float32
@@ -396,4 +358,4 @@ def test_triton_kernel_saves_output_and_rstd_and_handles_odd_layouts(triton_inte
         torch.testing.assert_close(k, r)
     empty = _forward_backward(inplace_layer_norm, x[:0], (4, 5), w, b, g[:0])
     assert empty[0].shape == (0, 2, 4, 5) and torch.equal(empty[2], torch.zeros(4, 5))
-    assert triton_interpreter.calls == ["norm_forward"] + ["norm_forward", "norm_backward"] * 2
+    assert layer_norm_kernel.calls == ["norm_forward"] + ["norm_forward", "norm_backward"] * 2

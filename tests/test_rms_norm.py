@@ -1,6 +1,4 @@
 """In-place RMSNorm against HuggingFace's own LlamaRMSNorm (and torch.nn.RMSNorm), from the output."""
-import importlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ DTYPE_PAIRS = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32), (F16, F32)]
 
 @pytest.fixture(autouse=True)
 def pytorch_path(monkeypatch):
-    """Tests run the PyTorch path whatever the environment, unless they ask for ``triton_interpreter``."""
+    """Tests run the PyTorch path whatever the environment, unless they ask for ``layer_norm_kernel``."""
     monkeypatch.setenv("TEMPO_DS_TRITON", "0")
 
 
@@ -318,30 +316,12 @@ def test_from_module_refuses_what_computes_something_else(module):
 
 # -- Triton kernel (interpreter) -----------------------------------------------------------------------
 
-@pytest.fixture
-def triton_interpreter(monkeypatch):
-    """Run the kernels under Triton's interpreter on CPU tensors. ``triton.jit`` picks the interpreter
-    when the kernel module is imported, so the module is reloaded with the variables set (and after)."""
-    pytest.importorskip("triton")
-    module = importlib.import_module("tempo_ds.kernels.layer_norm")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
-    importlib.reload(module)
-    calls = []
-    for name in ("norm_forward", "norm_backward"):
-        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
-            calls.append(_name)
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
-    yield SimpleNamespace(env=monkeypatch, calls=calls)
-    monkeypatch.undo()
-    importlib.reload(module)
 
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
 @pytest.mark.parametrize("casting", ["llama", "torch"])
 @pytest.mark.parametrize("variant", ["weight", "no_weight", "fallback"])
-def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, x_dtype, w_dtype, casting, variant):
+def test_triton_kernel_matches_the_pytorch_path(layer_norm_kernel, x_dtype, w_dtype, casting, variant):
     x, w, g = _inputs((2, 3), 37, x_dtype, w_dtype)
     if variant == "fallback":
         w[4] = 0.0
@@ -351,8 +331,8 @@ def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, x_dtype, w_d
         return inplace_rms_norm(x, w, casting=casting)
 
     kernel = _forward_backward(fn, x, weight, g)
-    assert triton_interpreter.calls == ["norm_forward", "norm_backward"]
-    triton_interpreter.env.setenv("TEMPO_DS_TRITON", "0")
+    assert layer_norm_kernel.calls == ["norm_forward", "norm_backward"]
+    layer_norm_kernel.env.setenv("TEMPO_DS_TRITON", "0")
     torch_path = _forward_backward(fn, x, weight, g)
     for k, t in zip(kernel, torch_path):
         assert k.dtype == t.dtype and k.shape == t.shape
@@ -363,8 +343,8 @@ def test_triton_kernel_matches_the_pytorch_path(triton_interpreter, x_dtype, w_d
         torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())
 
 
-def test_triton_kernel_saves_output_and_rstd(triton_interpreter):
+def test_triton_kernel_saves_output_and_rstd(layer_norm_kernel):
     x, w, _ = _inputs((3, 2), 20, BF16, BF16)
     meter, _ = _saved(inplace_rms_norm, x.requires_grad_(), nn.Parameter(w))
     assert meter.total_bytes == 6 * 20 * 2 + 6 * 4
-    assert triton_interpreter.calls == ["norm_forward"]
+    assert layer_norm_kernel.calls == ["norm_forward"]
