@@ -7,11 +7,12 @@ Heavy dependencies (transformers, deepspeed) are imported by the modules that ne
 """
 from . import memory, ops, policies
 from .config import TempoConfig, TempoConfigError
+from .deepspeed_integration import add_config_arguments, initialize
 from .inject import InjectionReport, inject, is_injected, revert
 from .memory import SavedTensorMeter
 from .policies import Policy, register_policy
 
 __version__ = "0.1.0"
 
-__all__ = ["inject", "revert", "is_injected", "InjectionReport", "TempoConfig", "TempoConfigError", "Policy",
+__all__ = ["inject", "revert", "initialize", "add_config_arguments", "is_injected", "InjectionReport", "TempoConfig", "TempoConfigError", "Policy",
            "register_policy", "SavedTensorMeter", "memory", "ops", "policies", "__version__"]

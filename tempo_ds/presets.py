@@ -60,6 +60,8 @@ def model_config(arch: str, size: str = "tiny", *, vocab_size: int = 8192, max_s
                                        intermediate_size=inter, max_position_embeddings=max_seq,
                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg._attn_implementation = attn
+    # Training never reads a KV cache, and filling one copies k and v in every layer (GPT-2, Llama, ...).
+    cfg.use_cache = False
     return cfg
 
 

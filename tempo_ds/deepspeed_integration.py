@@ -1,0 +1,500 @@
+"""DeepSpeed integration: a ``"tempo"`` section in the DeepSpeed config, launcher flags, and ``initialize``.
+
+    parser = deepspeed.add_config_arguments(tempo_ds.add_config_arguments(parser))
+    args = parser.parse_args()
+    engine, optimizer, loader, scheduler = tempo_ds.initialize(args=args, model=model,
+                                                               model_parameters=model.parameters())
+
+``tempo_ds.initialize`` takes exactly what ``deepspeed.initialize`` takes and returns what it returns. Before
+anything is built it reads the ``"tempo"`` section of the DeepSpeed config (``config``, ``config_params``,
+``args.deepspeed_config`` or ``args.deepscale_config``: a dict, a JSON/HJSON file or base64 text, as DeepSpeed
+accepts them), lays the command-line options of :func:`add_config_arguments` over it (the command line wins)
+and validates the result strictly (:class:`~tempo_ds.config.TempoConfig`): a bad section raises
+``TempoConfigError`` naming the key on every rank, before any collective call, so nothing hangs. Then it
+injects the model in place (keeping the Parameter objects, so ``model_parameters`` and ZeRO-3 partitions stay
+valid), calls ``deepspeed.initialize`` with the arguments untouched, and on rank 0 prints a one-line summary
+of the injection (the full report goes to DeepSpeed's logger at INFO level).
+Without a section (or with ``"enabled": false``) and without tempo flags it is ``deepspeed.initialize``.
+
+DeepSpeed ignores unknown top-level keys, so the ``"tempo"`` key stays in the config handed to DeepSpeed (and
+in the config it prints and saves with checkpoints).
+
+One thing it does with or without tempo: DeepSpeed's engine never calls ``deepspeed.checkpointing.configure``,
+so an ``"activation_checkpointing"`` section has no effect unless the training code calls it. ``initialize``
+calls it with the config (and ``mpu``) when the section is present and nothing configured checkpointing yet,
+so A/B runs with tempo on and off checkpoint the same way. (On DeepSpeed's CPU accelerator,
+``cpu_checkpointing`` without ``partition_activations`` is broken in DeepSpeed itself.)
+
+DeepSpeed checkpoints do not hold the random-number generators' states; dropout masks (tempo_ds regenerates
+them from seeds drawn from the global RNG) then differ after a resume. :func:`save_checkpoint` and
+:func:`load_checkpoint` wrap the engine's methods and keep each rank's RNG states beside the checkpoint (as the
+HF Trainer does), so a resumed run continues exactly as the uninterrupted one.
+
+``python -m tempo_ds.deepspeed_integration --bench`` measures saved bytes per layer and step time with and
+without tempo_ds on 2 ranks (it starts the DeepSpeed launcher itself); see :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import typing
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SECTION, TempoConfig, TempoConfigError
+from .inject import inject
+
+__all__ = ["initialize", "add_config_arguments", "resolve_config", "configure_activation_checkpointing",
+           "deepspeed_activation_checkpointing", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state", "summary", "DEEPSPEED_EXAMPLES_FLAGS"]
+
+SWITCHES = ("gelu", "norm", "attention", "dropout", "silu")
+
+# DeepSpeedExamples' flags for DeepSpeed's CUDA transformer kernel -> the tempo_ds technique with the same idea.
+DEEPSPEED_EXAMPLES_FLAGS: dict[str, dict[str, str]] = {
+    "deepspeed_transformer_kernel": {},
+    "normalize_invertible": {"norm": "inplace"},
+    "gelu_checkpoint": {"gelu": "recompute"},
+    "attention_dropout_checkpoint": {"attention": "tempo"},
+}
+
+RNG_FILE = "tempo_ds_rng_state_rank{rank}.pt"
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    return typing.get_args(TempoConfig.model_fields[key].annotation)
+
+
+# -- command line --------------------------------------------------------------------------------------------
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add tempo_ds's options to ``parser`` (an argument group "tempo_ds") and return it.
+
+    ``--tempo``                 turn tempo_ds on with its defaults (or the config's section)
+    ``--tempo_config JSON``     tempo settings: a JSON file, inline JSON, or a DeepSpeed config with a section
+    ``--tempo_gelu``, ``--tempo_norm``, ``--tempo_attention``, ``--tempo_dropout``, ``--tempo_silu``
+                                one technique's setting (choices as in ``TempoConfig``)
+    ``--tempo_fewbit_bits N``   bits per element of few-bit activations (1-4)
+
+    Any of them turns tempo_ds on; their values override the DeepSpeed config's ``"tempo"`` section.
+    Composes with ``deepspeed.add_config_arguments`` (no shared option names).
+
+    DeepSpeedExamples' switches for DeepSpeed's CUDA transformer kernel are read as aliases (each turns
+    tempo_ds on; the rest of the settings keep their values):
+
+    ================================  =======================================================
+    ``--deepspeed_transformer_kernel``   tempo_ds on (defaults: every exact technique)
+    ``--normalize_invertible``           ``norm=inplace`` (LayerNorm keeps its output)
+    ``--gelu_checkpoint``                ``gelu=recompute`` (GELU recomputed in backward)
+    ``--attention_dropout_checkpoint``   ``attention=tempo`` (Tempo's attention-dropout recompute)
+    ================================  =======================================================
+
+    An alias is added only if the parser does not define that option already (training scripts often do;
+    add tempo_ds's arguments after your own). Its value is read from ``args`` either way.
+    """
+    group = parser.add_argument_group("tempo_ds", "tempo_ds activation-memory techniques")
+    group.add_argument("--tempo", action="store_true", default=False,
+                       help="turn tempo_ds on (defaults, or the DeepSpeed config's \"tempo\" section)")
+    group.add_argument("--tempo_config", default=None, metavar="JSON",
+                       help="tempo settings: JSON file, inline JSON, or a DeepSpeed config with a \"tempo\" section")
+    for key in SWITCHES:
+        group.add_argument(f"--tempo_{key}", default=None, choices=_choices(key),
+                           help=f"tempo_ds {key} technique (overrides the config)")
+    group.add_argument("--tempo_fewbit_bits", default=None, type=int, choices=(1, 2, 3, 4),
+                       help="bits per element of few-bit activations")
+    known = getattr(parser, "_option_string_actions", {})
+    for flag, technique in DEEPSPEED_EXAMPLES_FLAGS.items():
+        if f"--{flag}" not in known:
+            what = ", ".join(f"{k}={v}" for k, v in technique.items()) or "defaults"
+            group.add_argument(f"--{flag}", action="store_true", default=False,
+                               help=f"DeepSpeedExamples alias: tempo_ds on ({what})")
+    return parser
+
+
+def _cli_settings(args: Any) -> dict:
+    """The tempo settings the command line asks for (empty when it asks for none)."""
+    if args is None:
+        return {}
+    out: dict = {}
+    source = getattr(args, "tempo_config", None)
+    if source:
+        try:
+            out.update(TempoConfig.build(source).model_dump(exclude_unset=True))
+        except TempoConfigError as exc:
+            raise TempoConfigError(f"--tempo_config: {exc}") from None
+    for flag, technique in DEEPSPEED_EXAMPLES_FLAGS.items():
+        if getattr(args, flag, False) is True:
+            out.setdefault("enabled", True)
+            out.update(technique)
+    for key in SWITCHES:
+        value = getattr(args, f"tempo_{key}", None)
+        if value is not None:
+            out[key] = value
+    bits = getattr(args, "tempo_fewbit_bits", None)
+    if bits is not None:
+        out["fewbit"] = {**out.get("fewbit", {}), "bits": bits}
+    if getattr(args, "tempo", False) is True:
+        out["enabled"] = True
+    if out:
+        out.setdefault("enabled", True)
+    return out
+
+
+# -- config --------------------------------------------------------------------------------------------------
+def _deepspeed_config(args: Any, config: Any, config_params: Any) -> tuple[dict | None, str]:
+    """The DeepSpeed config as a dict (None if none was given) and a name for messages, found where
+    ``deepspeed.initialize`` looks: ``config``, ``config_params``, ``args.deepspeed_config`` / ``deepscale_config``."""
+    if config is None:
+        config = config_params
+    from_args = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if from_args is not None:
+        if config is not None:
+            raise ValueError("Not sure how to proceed, we were given deepspeed configs in the deepspeed arguments "
+                             "and deepspeed.initialize() function call")
+        config = from_args
+    if config is None:
+        return None, ""
+    if isinstance(config, dict):
+        return config, "the DeepSpeed config"
+    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
+
+    return load_ds_config(config), f"DeepSpeed config {config}"
+
+
+def resolve_config(args: Any = None, config: Any = None, config_params: Any = None) -> TempoConfig | None:
+    """The validated tempo settings of a run, or None when neither the config nor the command line asks for
+    tempo_ds. The DeepSpeed config's ``"tempo"`` section comes first; command-line options override its keys.
+    Raises ``TempoConfigError`` (naming the key and where it came from) for a bad section or option."""
+    ds, where = _deepspeed_config(args, config, config_params)
+    section = ds.get(SECTION) if ds else None
+    merged: dict = {}
+    if section is not None:
+        try:
+            merged = TempoConfig.build({SECTION: section}).model_dump(exclude_unset=True)
+        except TempoConfigError as exc:
+            raise TempoConfigError(f"{where}: {exc}") from None
+    cli = _cli_settings(args)
+    if section is None and not cli:
+        return None
+    if "fewbit" in cli and "fewbit" in merged:
+        cli = {**cli, "fewbit": {**merged["fewbit"], **cli["fewbit"],
+                                 "functions": {**merged["fewbit"].get("functions", {}),
+                                               **cli["fewbit"].get("functions", {})}}}
+    try:
+        return TempoConfig.validate_dict({**merged, **cli})
+    except TempoConfigError as exc:
+        raise TempoConfigError(f"command-line tempo options: {exc}") from None
+
+
+# -- initialize ----------------------------------------------------------------------------------------------
+def _parameter_list(model_parameters: Any) -> Any:
+    """A generator (``model.parameters()``) becomes a list so the very objects the caller named are kept."""
+    if model_parameters is None or isinstance(model_parameters, (list, tuple)):
+        return model_parameters
+    return list(model_parameters)
+
+
+def _check_parameters_kept(model: nn.Module, model_parameters: Any) -> None:
+    if model_parameters is None:
+        return
+    owned = {id(p) for p in model.parameters()}
+    for item in model_parameters:
+        params = item["params"] if isinstance(item, dict) else [item]
+        for p in ([params] if isinstance(params, torch.Tensor) else params):
+            if isinstance(p, nn.Parameter) and id(p) not in owned:
+                raise RuntimeError("a parameter in model_parameters is no longer part of the model after "
+                                   "tempo_ds.inject; inject must keep every Parameter object")
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, config_params=None, **kwargs):
+    """``deepspeed.initialize`` with tempo_ds injected first, when the config or command line asks for it.
+
+    Same arguments (``**kwargs`` carries the rest of deepspeed.initialize's: ``mpu``, ``collate_fn``,
+    ``dist_init_required``, ...) and the same return value ``(engine, optimizer, dataloader, lr_scheduler)``.
+    The tempo settings are validated before anything is built; the model is injected in place before the
+    engine and optimizer exist; rank 0 prints a summary of the injection (:func:`summary`). An ``"activation_checkpointing"``
+    section is applied with ``deepspeed.checkpointing.configure`` (see the module docstring).
+    """
+    import deepspeed
+
+    tempo = resolve_config(args, config, config_params)
+    ds_config, _ = _deepspeed_config(args, config, config_params)
+    report = None
+    if tempo is not None and tempo.enabled:
+        if model is None:
+            raise ValueError("tempo_ds.initialize requires a model")
+        model_parameters = _parameter_list(model_parameters)
+        report = inject(model, tempo)
+        _check_parameters_kept(model, model_parameters)
+    result = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                  training_data=training_data, lr_scheduler=lr_scheduler, config=config,
+                                  config_params=config_params, **kwargs)
+    configure_activation_checkpointing(ds_config, mpu=kwargs.get("mpu"))
+    if report is not None:
+        from deepspeed.utils import log_dist
+        from deepspeed.utils.logging import print_dist
+
+        print_dist(summary(report), ranks=[0])
+        log_dist(str(report), ranks=[0])
+    return result
+
+
+def summary(report) -> str:
+    """One line for the log: the policy, the settings, what was replaced (per technique) and left alone."""
+    counts = ", ".join(f"{k}: {v}" for k, v in report.counts().items()) or "nothing"
+    settings = ", ".join(f"{k}={v}" for k, v in report.config.techniques().items())
+    line = (f"tempo_ds: {report.policy} policy ({settings}); replaced {len(report.replaced)} modules ({counts}); "
+            f"left alone {len(report.skipped)}")
+    if report.attention:
+        line += f"; attention {report.attention[0]} -> {report.attention[1]}"
+    return line
+
+
+def configure_activation_checkpointing(ds_config: dict | None, mpu: Any = None) -> bool:
+    """Apply the config's ``"activation_checkpointing"`` section with ``deepspeed.checkpointing.configure``,
+    unless it is absent or the training code configured checkpointing itself. Returns whether it applied."""
+    if not ds_config or "activation_checkpointing" not in ds_config:
+        return False
+    import deepspeed
+
+    if deepspeed.checkpointing.is_configured():
+        return False
+    deepspeed.checkpointing.configure(mpu, deepspeed_config=ds_config)
+    return True
+
+
+def deepspeed_activation_checkpointing(model: nn.Module, *, every_n_layers: int = 1, reentrant: bool = True) -> None:
+    """Make a transformers model checkpoint its layers with ``deepspeed.checkpointing`` (reentrant
+    ``checkpoint`` or ``non_reentrant_checkpoint``) instead of torch's, every ``every_n_layers``-th layer."""
+    import deepspeed
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    if every_n_layers == 1:
+        enable()
+    else:
+        enable(every_n_layers=every_n_layers)
+    fn = deepspeed.checkpointing.checkpoint if reentrant else deepspeed.checkpointing.non_reentrant_checkpoint
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = fn
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's random-number generator states: torch (CPU and accelerator), Python, NumPy."""
+    state: dict = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _rank() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def _tag(load_dir: str, tag: str | None) -> str | None:
+    if tag is not None:
+        return str(tag)
+    latest = os.path.join(load_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            return f.read().strip()
+    return None
+
+
+def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                    **kwargs) -> bool:
+    """``engine.save_checkpoint`` plus this rank's RNG states in ``<save_dir>/<tag>/``."""
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    state = rng_state()  # before saving: saving draws no random numbers, but be exact about the moment
+    ok = engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, **kwargs)
+    path = os.path.join(save_dir, tag)
+    os.makedirs(path, exist_ok=True)
+    torch.save(state, os.path.join(path, RNG_FILE.format(rank=_rank())))
+    return ok
+
+
+def load_checkpoint(engine, load_dir: str, tag: str | None = None, **kwargs):
+    """``engine.load_checkpoint`` (same return value), then this rank's RNG states if the checkpoint has them."""
+    result = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+    resolved = _tag(load_dir, tag)
+    if resolved is not None:
+        path = os.path.join(load_dir, resolved, RNG_FILE.format(rank=_rank()))
+        if os.path.isfile(path):
+            set_rng_state(torch.load(path, weights_only=False))
+    return result
+
+
+# -- benchmark -----------------------------------------------------------------------------------------------
+BENCH_CASES = {
+    "zero2": {"stage": 2, "checkpoint_every": 0},
+    "zero3-ckpt2": {"stage": 3, "checkpoint_every": 2},
+}
+
+
+def _bench_ds_config(stage: int, micro_batch: int) -> dict:
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+            "bf16": {"enabled": True}, "zero_optimization": zero,
+            "activation_checkpointing": {"partition_activations": False}}
+
+
+def _bench_model(stage: int, ds_config: dict, seq: int, layers: int | None, seed: int):
+    import torch._dynamo  # noqa: F401  (torch 2.13 + DeepSpeed 0.19.8: import before zero.Init)
+    import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .presets import model_config
+
+    cfg = model_config("bert", "base", vocab_size=8192, max_seq=seq, layers=layers)
+    torch.manual_seed(seed)
+    if stage == 3:
+        keep = HfDeepSpeedConfig(ds_config)
+        model = transformers.BertForMaskedLM._from_config(cfg)
+        model._tempo_bench_hf_config = keep  # must outlive construction
+        return model
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int | None, seed: int) -> dict:
+    """One side-by-side case: a plain and a tempo_ds engine on the same model, batch and seed."""
+    import deepspeed
+
+    from .memory import SavedTensorMeter
+
+    case = BENCH_CASES[name]
+    ds_config = _bench_ds_config(case["stage"], micro_batch)
+    gen = torch.Generator().manual_seed(seed + _rank())
+    batches = [torch.randint(5, 8192, (micro_batch, seq), generator=gen) for _ in range(steps + 1)]
+    engines = {}
+    for variant in ("baseline", "tempo_ds"):
+        model = _bench_model(case["stage"], ds_config, seq, layers, seed)
+        if case["checkpoint_every"]:
+            deepspeed_activation_checkpointing(model, every_n_layers=case["checkpoint_every"])
+        config = ds_config if variant == "baseline" else {**ds_config, SECTION: {}}
+        engine, *_ = initialize(model=model, config=config, model_parameters=model.parameters())
+        engines[variant] = engine
+    out: dict = {"case": name, **case, "seq": seq, "micro_batch": micro_batch, "steps": steps}
+    times: dict[str, list[float]] = {v: [] for v in engines}
+    for step, ids in enumerate(batches):
+        for variant, engine in engines.items():  # interleaved, so load changes hit both alike
+            torch.manual_seed(seed + step)
+            start = time.perf_counter()
+            if step == 0:
+                with SavedTensorMeter(engine.module) as meter:
+                    loss = engine(input_ids=ids, labels=ids).loss
+                out[variant] = {"per_layer_bytes": meter.per_layer, "total_bytes": meter.total_bytes}
+            else:
+                loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            if step:  # step 0 is warm-up
+                times[variant].append(time.perf_counter() - start)
+            out[variant].setdefault("losses", []).append(round(loss.item(), 4))
+    hidden = engines["baseline"].module.config.hidden_size
+    for variant in engines:
+        out[variant]["step_s"] = statistics.median(times[variant])
+        per_layer = out[variant]["per_layer_bytes"]
+        out[variant]["sbh_per_layer"] = [round(b / (seq * micro_batch * hidden), 2) for b in per_layer]
+    return out
+
+
+def _bench_table(results: list[dict]) -> str:
+    lines = ["| case | layer | baseline bytes (sbh) | tempo_ds bytes (sbh) | ratio |", "|---|---|---|---|---|"]
+    for r in results:
+        b, t = r["baseline"], r["tempo_ds"]
+        for i, (bb, tb) in enumerate(zip(b["per_layer_bytes"], t["per_layer_bytes"])):
+            lines.append(f"| {r['case']} | {i} | {bb:,} ({b['sbh_per_layer'][i]}) | {tb:,} ({t['sbh_per_layer'][i]}) "
+                         f"| {tb / max(bb, 1):.2f} |")
+    lines += ["", "| case | baseline step (s) | tempo_ds step (s) | ratio | baseline losses | tempo_ds losses |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        b, t = r["baseline"], r["tempo_ds"]
+        lines.append(f"| {r['case']} | {b['step_s']:.2f} | {t['step_s']:.2f} | {t['step_s'] / b['step_s']:.2f} "
+                     f"| {b['losses']} | {t['losses']} |")
+    return "\n".join(lines)
+
+
+def _bench_worker(opts) -> int:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = [_bench_case(name, opts.seq, opts.batch, opts.steps, opts.layers, opts.seed) for name in opts.cases]
+    if _rank() == 0:
+        print(_bench_table(results), flush=True)
+        if opts.json:
+            with open(opts.json, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tempo_ds.deepspeed_integration --bench [--cases zero2 zero3-ckpt2] [--seq 128] ...``
+
+    BERT-base (12 x 768) under DeepSpeed on 2 CPU ranks (gloo), bf16, AdamW: bytes saved for backward per
+    layer (meter, first step) and median step time, baseline and tempo_ds engines side by side in one run
+    (steps interleaved). ``zero2``: ZeRO-2; ``zero3-ckpt2``: ZeRO-3 under ``zero.Init`` with DeepSpeed
+    activation checkpointing on every other layer. Starts ``deepspeed --num_gpus N`` on itself unless
+    already running under a launcher."""
+    parser = argparse.ArgumentParser(prog="python -m tempo_ds.deepspeed_integration", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", required=True)
+    parser.add_argument("--cases", nargs="+", choices=tuple(BENCH_CASES), default=list(BENCH_CASES))
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--layers", type=int, default=None, help="override BERT-base's 12 layers")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if "LOCAL_RANK" in os.environ:
+        return _bench_worker(opts)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(opts.ranks),
+           "--master_port", str(_free_port()), "--module", "tempo_ds.deepspeed_integration", *argv]
+    return subprocess.call(cmd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""``TempoTransformerLayer``: a drop-in for DeepSpeed's training kernel layer, built from tempo_ds ops.
+
+DeepSpeed's ``deepspeed.ops.transformer.DeepSpeedTransformerLayer`` fuses a BERT layer into CUDA kernels and
+offers three memory switches, ``normalize_invertible``, ``gelu_checkpoint`` and ``attn_dropout_checkpoint``
+(the ideas Tempo published). It needs CUDA, has no bfloat16 and fails on DeepSpeed's CPU accelerator. This
+layer takes the same ``DeepSpeedTransformerConfig``, has the same constructor, parameters (names, shapes,
+order), ``initial_weights`` / ``initial_biases`` ordering, ``init_transformer_weights`` and forward
+signature, and computes the same maths with ``tempo_ds.ops`` on any device and in float32, float16 and
+bfloat16. ``bert_layer_policy()`` swaps it into HF BERT models. DeepSpeed is imported only to build the
+configs of that policy; transformers only when the policy or ``TempoBertLayer`` is used.
+
+Forward (``x`` [B, S, h], ``a`` heads of size ``d = h / a``, ``i`` intermediate size, ``M`` the mask)::
+
+    pre_layer_norm=True (DeepSpeed's default)          pre_layer_norm=False (post-LN, = HF BertLayer)
+    u   = LN(x; norm_w, norm_b)                        u   = x
+    q, k, v = split(u attn_qkvw^T + attn_qkvb)         (same)
+    c   = drop_a(softmax(q k^T / sqrt(d) + M)) v       (same)
+    r   = x + drop_h(c attn_ow^T + attn_ob)            (same)
+    f   = LN(r; attn_nw, attn_nb)                      (same)
+    g   = GELU(f inter_w^T + inter_b) output_w^T + output_b
+    out = r + drop_h(g)                                out = LN(f + drop_h(g); norm_w, norm_b)
+
+with dropout ``drop_a`` at ``attn_dropout_ratio`` and ``drop_h`` at ``hidden_dropout_ratio`` (training only),
+``norm_*`` the LayerNorm at the layer's input (pre-LN) or output (post-LN) and ``attn_n*`` the one after
+attention, as in DeepSpeed's kernel (``csrc/transformer/ds_transformer_cuda.cpp``). Backward is
+autograd's through the tempo_ds Functions. The switches select what is kept for backward:
+
+=========================  ==============================================  =========================================
+switch                     on                                              off
+=========================  ==============================================  =========================================
+normalize_invertible       ``inplace_layer_norm``: LN output + rstd        ``F.layer_norm``: LN input + mean + rstd
+gelu_checkpoint            ``gelu_linear``: GELU input only, GELU          ``F.gelu`` + ``F.linear``: GELU input and
+                           recomputed in backward (exact)                  GELU output
+attn_dropout_checkpoint    ``attention(mode="lean")``: q, k, v, output,    ``attention(mode="tempo")``: q, k, v, the
+                           log-sum-exp; scores recomputed in backward      softmax output and a 1-bit dropout mask
+=========================  ==============================================  =========================================
+
+Why ``attn_dropout_checkpoint`` maps that way. DeepSpeed's flag (= Tempo's attention-dropout recomputation)
+keeps the softmax output and recomputes the dropped probabilities in backward; without it DeepSpeed also
+keeps the dropped probabilities and a byte mask. Both states of the flag keep an s x s tensor per head.
+Here "off" keeps what DeepSpeed keeps with its flag *on*, with the mask packed to 1 bit (``mode="tempo"``:
+softmax output + 1-bit mask, no scores recomputed), already below DeepSpeed's off state; "on" goes further in the direction the flag asks for —
+trade recompute for memory — and keeps no s x s tensor at all (``mode="lean"``, FlashAttention-style
+recompute of the scores). So each switch, turned on, never costs memory and never changes the maths.
+
+Bytes kept for backward per token, per layer of a stack (``e`` = element size, ``B*S`` tokens). All
+switches on, either LayerNorm placement: ``(6h + i)*e + 2*4 + 4*a`` — q, k, v (3h, one fused QKV output), the
+attention output (h, the very storage the output projection keeps), two LayerNorm outputs (2h, each also the
+input the next Linear keeps anyway), the GELU input (i), two float32 rstd and a float32 log-sum-exp per head.
+Dropout keeps nothing (masks come back from a seed, ``seed_dropout``). Turning a switch off adds:
+
+* normalize_invertible: ``2*h*e`` (the LayerNorm inputs) plus both LayerNorms' mean and rstd (in the input
+  dtype on CPU, float32 on CUDA), minus the ``2*4`` bytes of rstd;
+* gelu_checkpoint: ``i*e`` (the GELU output);
+* attn_dropout_checkpoint: ``a*S*e - 4*a`` (the softmax output instead of the log-sum-exp), plus a 1-bit mask,
+  ``ceil(B*a*S*S / 8)`` bytes per call, with attention dropout in training.
+
+A layer measured alone differs by what its neighbours would hold: post-LN, its input (the previous layer's
+output, ``h*e``) is kept by its QKV Linear, and with normalize_invertible off nothing keeps its own output.
+The attention mask is kept as given, by reference (so once for all layers that share it).
+
+Where it differs from DeepSpeed's layer:
+
+* GELU: DeepSpeed's kernel computes the tanh approximation; so does this layer by default
+  (``approximate="tanh"``). ``approximate="none"`` gives the exact erf GELU (HF BERT's ``"gelu"``).
+* ``initial_biases[0:3]`` (q, k, v biases) become ``attn_qkvb``; DeepSpeed zeroes ``attn_qkvb`` whatever is
+  passed (its tests pass zeros). As in DeepSpeed, the other given tensors are kept as the very same Parameter
+  objects, and q, k, v are concatenated into a new ``attn_qkvw``. If only one of the two lists is given, the
+  other group is initialised as ``init_transformer_weights`` would (DeepSpeed leaves it undefined).
+* ``adjust_init_range`` rescales the output projections' init whenever it is true, as DeepSpeed documents;
+  DeepSpeed's code applies it only when ``local_rank == 0``.
+* Randomness: dropout seeds come from torch's global generator (so ``torch.manual_seed`` and every checkpoint
+  flavour govern them); ``config.seed`` is not used. ``stochastic_mode`` (DeepSpeed's faster, non-deterministic
+  kernels) is accepted and ignored: this layer is deterministic. ``batch_size`` (DeepSpeed's workspace bound),
+  ``local_rank`` (DeepSpeed sets the CUDA device) and ``training`` (``module.train()`` decides) are not used.
+* ``fp16``: the layer computes in its parameters' dtype (or the autocast dtype); with ``fp16=True`` it checks
+  that this is a 16-bit type (DeepSpeed expects ``.half()`` and would misread float32 weights). bfloat16 works.
+* ``attention_mask``: DeepSpeed's additive mask ([B, 1, 1, S], 0 = attend, -10000 = masked), or anything
+  broadcastable to [B, a, S, S], additive or boolean (True = attend), or None. Sequence lengths need not be a
+  multiple of 16. Arguments DeepSpeed ignores silently (``head_mask``, encoder states, ``past_key_value``,
+  ``output_attentions``, ``grads``) raise ValueError when set.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import attention, gelu_linear, inplace_layer_norm, seed_dropout
+from .ops._zero import gathered
+from .policies import Plan, Policy, Skip, Swap
+
+__all__ = ["TempoTransformerLayer", "TempoBertLayer", "BertLayerPolicy", "bert_layer_policy", "PARAMETER_ORDER",
+           "BERT_PARAMETERS"]
+
+# DeepSpeedTransformerLayer's parameters, in its declaration order.
+PARAMETER_ORDER = ("attn_qkvw", "attn_qkvb", "attn_ow", "attn_ob", "attn_nw", "attn_nb", "inter_w", "inter_b",
+                   "output_w", "output_b", "norm_w", "norm_b")
+# initial_weights[n] / initial_biases[n] -> parameter (n = 0, 1, 2 are q, k, v: concatenated into attn_qkv*)
+WEIGHT_SLOTS = ("attn_qkvw", "attn_qkvw", "attn_qkvw", "attn_ow", "attn_nw", "inter_w", "output_w", "norm_w")
+BIAS_SLOTS = ("attn_qkvb", "attn_qkvb", "attn_qkvb", "attn_ob", "attn_nb", "inter_b", "output_b", "norm_b")
+# Post-LN (HF BertLayer) source of each parameter, relative to the BertLayer.
+BERT_PARAMETERS = {
+    "attn_qkvw": ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"),
+    "attn_qkvb": ("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias"),
+    "attn_ow": ("attention.output.dense.weight",), "attn_ob": ("attention.output.dense.bias",),
+    "attn_nw": ("attention.output.LayerNorm.weight",), "attn_nb": ("attention.output.LayerNorm.bias",),
+    "inter_w": ("intermediate.dense.weight",), "inter_b": ("intermediate.dense.bias",),
+    "output_w": ("output.dense.weight",), "output_b": ("output.dense.bias",),
+    "norm_w": ("output.LayerNorm.weight",), "norm_b": ("output.LayerNorm.bias",),
+}
+_UNSET = "(-1 is DeepSpeedTransformerConfig's 'not set')"
+
+
+def _field(config: Any, name: str, default: Any = None, required: bool = False) -> Any:
+    if not hasattr(config, name):
+        if required:
+            raise ValueError(f"config.{name} is missing: TempoTransformerLayer takes a DeepSpeedTransformerConfig")
+        return default
+    return getattr(config, name)
+
+
+def _positive_int(config: Any, name: str) -> int:
+    value = _field(config, name, required=True)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive integer, got {value!r}"
+                         + (f" {_UNSET}" if value == -1 else ""))
+    return value
+
+
+def _ratio(config: Any, name: str) -> float:
+    value = _field(config, name, required=True)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"config.{name} must be a dropout ratio in [0, 1], got {value!r}"
+                         + (f" {_UNSET}" if value == -1 else ""))
+    return float(value)
+
+
+class TempoTransformerLayer(nn.Module):
+    """DeepSpeed's ``DeepSpeedTransformerLayer(config, initial_weights=None, initial_biases=None)`` on tempo_ds
+    ops (module docstring: maths, what is kept, differences).
+
+    ``config``: a ``deepspeed.ops.transformer.DeepSpeedTransformerConfig`` (or any object with its fields);
+    required: ``hidden_size``, ``heads``, ``attn_dropout_ratio``, ``hidden_dropout_ratio``, and, when weights are
+    initialised here, ``initializer_range`` (and ``num_hidden_layers`` with ``adjust_init_range``).
+    ``initial_weights`` / ``initial_biases``: DeepSpeed's 8-entry lists, ordered q, k, v, attention output,
+    attention LayerNorm, intermediate, output, output LayerNorm. ``approximate``: GELU form, ``"tanh"``
+    (DeepSpeed's kernel) or ``"none"`` (erf).
+
+    Like DeepSpeed, each instance takes the next ``TempoTransformerLayer.layer_id`` and writes it to
+    ``config.layer_id``. The switches are read once, here.
+    """
+
+    layer_id = 0
+
+    def __init__(self, config, initial_weights: Sequence[torch.Tensor] | None = None,
+                 initial_biases: Sequence[torch.Tensor] | None = None, *, approximate: str = "tanh"):
+        nn.Module.__init__(self)  # not super(): TempoBertLayer also derives from transformers' BertLayer
+        from .ops.gelu import check_approximate
+
+        check_approximate(approximate)
+        h, heads = _positive_int(config, "hidden_size"), _positive_int(config, "heads")
+        if h % heads:
+            raise ValueError(f"config.hidden_size ({h}) must be divisible by config.heads ({heads})")
+        inter = _field(config, "intermediate_size", -1)
+        self.intermediate_size = inter if isinstance(inter, int) and inter > 0 else 4 * h
+        self.attn_dropout_ratio = _ratio(config, "attn_dropout_ratio")
+        self.hidden_dropout_ratio = _ratio(config, "hidden_dropout_ratio")
+        eps = _field(config, "layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"config.layer_norm_eps must be a positive number, got {eps!r}")
+        self.config = config
+        self.hidden_size, self.heads, self.layer_norm_eps, self.approximate = h, heads, float(eps), approximate
+        for name, default in (("pre_layer_norm", True), ("normalize_invertible", False), ("gelu_checkpoint", False),
+                              ("attn_dropout_checkpoint", False), ("fp16", False), ("return_tuple", False),
+                              ("stochastic_mode", False), ("adjust_init_range", True)):
+            setattr(self, name, bool(_field(config, name, default)))
+        if initial_weights is None or initial_biases is None:
+            # DeepSpeed reads these only to initialise; check them before allocating anything
+            self._init_std(self.adjust_init_range)
+
+        config.layer_id = TempoTransformerLayer.layer_id
+        TempoTransformerLayer.layer_id += 1
+
+        i = self.intermediate_size
+        shapes = {"attn_qkvw": (3 * h, h), "attn_qkvb": (3 * h,), "attn_ow": (h, h), "attn_ob": (h,),
+                  "attn_nw": (h,), "attn_nb": (h,), "inter_w": (i, h), "inter_b": (i,), "output_w": (h, i),
+                  "output_b": (h,), "norm_w": (h,), "norm_b": (h,)}
+        given = {}
+        for values, slots, kind in ((initial_weights, WEIGHT_SLOTS, "initial_weights"),
+                                    (initial_biases, BIAS_SLOTS, "initial_biases")):
+            if values is not None:
+                given.update(self._take(values, slots, kind, shapes))
+        like = next(iter(given.values()), None)
+        factory = {} if like is None else {"dtype": like.dtype, "device": like.device}
+        for name in PARAMETER_ORDER:
+            param = given.get(name)
+            if param is None:
+                param = nn.Parameter(torch.empty(shapes[name], **factory))
+            setattr(self, name, param)
+        fresh = [name for name in PARAMETER_ORDER if name not in given]
+        if fresh:
+            self._init_parameters(fresh, self.adjust_init_range)
+
+    @staticmethod
+    def _take(values, slots, kind, shapes) -> dict[str, nn.Parameter]:
+        if len(values) != len(slots):
+            raise ValueError(f"{kind} must hold {len(slots)} tensors (q, k, v, attention output, attention "
+                             f"LayerNorm, intermediate, output, output LayerNorm), got {len(values)}")
+        h = shapes["attn_ow"][0]
+        for n, (t, slot) in enumerate(zip(values, slots)):
+            want = (h,) + shapes[slot][1:] if n < 3 else shapes[slot]
+            shape = tuple(getattr(t, "ds_shape", t.shape)) if isinstance(t, torch.Tensor) else None  # ZeRO-3
+            if shape != want:
+                got = shape if shape is not None else type(t).__name__
+                raise ValueError(f"{kind}[{n}] (for {slot}) must be a tensor of shape {want}, got {got}")
+        with torch.no_grad(), gathered(*values[:3]):
+            qkv = nn.Parameter(torch.cat([t.detach() for t in values[:3]]))
+        out = {slots[0]: qkv}
+        for t, slot in zip(values[3:], slots[3:]):
+            out[slot] = t if isinstance(t, nn.Parameter) else nn.Parameter(t)  # a Parameter keeps its identity
+        return out
+
+    def _init_std(self, adjust_init_range: bool) -> tuple[float, float]:
+        """(std of attn_qkvw / inter_w, std of attn_ow / output_w) from the config."""
+        std = _field(self.config, "initializer_range", required=True)
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
+            raise ValueError(f"config.initializer_range must be a number >= 0 to initialise the weights, got "
+                             f"{std!r}" + (f" {_UNSET}" if std == -1 else ""))
+        if not adjust_init_range:
+            return std, std
+        layers = _positive_int(self.config, "num_hidden_layers")
+        return std, std / math.sqrt(2.0 * layers)
+
+    def init_transformer_weights(self, adjust_init_range: bool = False) -> None:
+        """DeepSpeed's initialisation: normal(0, initializer_range) for attn_qkvw and inter_w; for attn_ow and
+        output_w the same std, divided by sqrt(2 * num_hidden_layers) when ``adjust_init_range``; biases 0 and
+        LayerNorm weights 1."""
+        self._init_parameters(PARAMETER_ORDER, adjust_init_range)
+
+    def _init_parameters(self, names, adjust_init_range: bool) -> None:
+        std, output_std = self._init_std(adjust_init_range)
+        with torch.no_grad():
+            for name in names:
+                param = getattr(self, name)
+                if name in ("attn_qkvw", "inter_w"):
+                    param.normal_(0.0, std)
+                elif name in ("attn_ow", "output_w"):
+                    param.normal_(0.0, output_std)
+                elif name in ("attn_nw", "norm_w"):
+                    param.fill_(1.0)
+                else:
+                    param.zero_()
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, head_mask=None,
+                layer_head_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_value=None,
+                output_attentions: bool = False, grads=None):
+        """DeepSpeed's forward: ``hidden_states`` [B, S, h], ``attention_mask`` additive [B, 1, 1, S] (or any
+        mask ``tempo_ds.ops.attention`` takes); returns [B, S, h], or ``(out,)`` with ``config.return_tuple``."""
+        unsupported = {"head_mask": head_mask, "layer_head_mask": layer_head_mask,
+                       "encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask,
+                       "past_key_value": past_key_value, "grads": grads}
+        for name, value in unsupported.items():
+            if value is not None:
+                raise ValueError(f"TempoTransformerLayer does not support {name} (DeepSpeedTransformerLayer "
+                                 "ignores it silently)")
+        if output_attentions:
+            raise ValueError("TempoTransformerLayer does not return attention probabilities (it never forms them)")
+        out = self._layer(hidden_states, attention_mask)
+        return (out,) if self.return_tuple else out
+
+    def _layer(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be [batch, seq, {self.hidden_size}], got {tuple(x.shape)}")
+        self._check_precision(x)
+        B, S, h = x.shape
+        heads = self.heads
+        p_attn = self.attn_dropout_ratio if self.training else 0.0
+        p_hidden = self.hidden_dropout_ratio if self.training else 0.0
+
+        u = self._norm(x, self.norm_w, self.norm_b) if self.pre_layer_norm else x
+        qkv = F.linear(u, self.attn_qkvw, self.attn_qkvb)
+        q, k, v = qkv.view(B, S, 3, heads, h // heads).permute(2, 0, 3, 1, 4).unbind(0)   # [B, a, S, d] views
+        mode = "lean" if self.attn_dropout_checkpoint else "tempo"
+        ctx = attention(q, k, v, attn_mask=mask, dropout_p=p_attn, mode=mode).transpose(1, 2).reshape(B, S, h)
+        r = x + seed_dropout(F.linear(ctx, self.attn_ow, self.attn_ob), p_hidden, self.training)
+        f = self._norm(r, self.attn_nw, self.attn_nb)
+        hidden = F.linear(f, self.inter_w, self.inter_b)
+        if self.gelu_checkpoint:
+            g = gelu_linear(hidden, self.output_w, self.output_b, self.approximate)
+        else:
+            g = F.linear(F.gelu(hidden, approximate=self.approximate), self.output_w, self.output_b)
+        g = seed_dropout(g, p_hidden, self.training)
+        if self.pre_layer_norm:
+            return r + g
+        return self._norm(f + g, self.norm_w, self.norm_b)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.normalize_invertible:
+            return inplace_layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
+        return F.layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
+
+    def _check_precision(self, x: torch.Tensor) -> None:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.attn_qkvw.dtype
+        if self.fp16 and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"config.fp16 is True but the layer computes in {dtype}: convert it with .half() (as "
+                             "DeepSpeedTransformerLayer requires) or .bfloat16(), or run it under autocast")
+
+    def extra_repr(self) -> str:
+        flags = [n for n in ("pre_layer_norm", "normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint")
+                 if getattr(self, n)]
+        return (f"hidden_size={self.hidden_size}, heads={self.heads}, intermediate_size={self.intermediate_size}, "
+                f"approximate={self.approximate!r}, attn_dropout={self.attn_dropout_ratio}, "
+                f"hidden_dropout={self.hidden_dropout_ratio}, " + ", ".join(flags))
+
+
+# ------------------------------------------------------------------------------------------------------
+# HF BERT: the layer behind transformers' BertLayer calling convention
+# ------------------------------------------------------------------------------------------------------
+class _MaskCache:
+    """Compacts transformers' 4-D attention masks once per forward pass, for every layer of a model.
+
+    The BERT encoder hands each layer the same [B, 1, S, S] mask (boolean for sdpa, additive for eager)
+    although it only carries key padding. The attention keeps its mask for backward, so each layer would keep
+    the s x s storage (a view would keep it whole). The first layer checks that every query row is the same,
+    keeps one [B, 1, 1, S] copy (None when nothing is masked), and the other layers reuse it while the mask is
+    the same, unmodified tensor — so the meter charges it once, to the first layer.
+    """
+
+    def __init__(self):
+        self._source = None  # weak reference to the last mask seen
+        self._version = -1
+        self._value = None   # its compacted form (None: no mask needed, or the mask itself when `_as_is`)
+        self._as_is = False
+
+    def __reduce__(self):  # pickled / deep-copied empty (a weak reference cannot be pickled)
+        return (_MaskCache, ())
+
+    def compact(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None or (mask.dim() == 4 and mask.shape[-2] == 1) or mask.dim() not in (2, 4):
+            return mask
+        if self._source is not None and self._source() is mask and self._version == mask._version:
+            return mask if self._as_is else self._value
+        if mask.dim() == 2:  # [B, S] key padding, 1 = attend (what flash-attention implementations get)
+            value = mask.bool()[:, None, None, :]
+        else:
+            row = mask[..., -1:, :]
+            if bool((mask == row).all()):
+                empty = bool(row.all()) if mask.dtype == torch.bool else bool((row == 0).all())
+                value = None if empty else row.clone(memory_format=torch.contiguous_format)
+            else:
+                value = mask
+        self._source, self._version, self._as_is = weakref.ref(mask), mask._version, value is mask
+        self._value = None if self._as_is else value  # never hold the caller's mask alive
+        return value
+
+
+def _bert_layer_class():
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    return BertLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _tempo_bert_layer_class() -> type:
+    """``TempoBertLayer``, built on first use so that importing tempo_ds does not import transformers.
+
+    It derives from transformers' ``BertLayer`` (and so ``GradientCheckpointingLayer``) without running its
+    ``__init__``: ``model.gradient_checkpointing_enable()`` checkpoints it and ``output_hidden_states``
+    records it, as for the layer it replaces. None of BertLayer's submodules exist.
+    """
+    BertLayer = _bert_layer_class()
+
+    class TempoBertLayer(TempoTransformerLayer, BertLayer):
+        """A ``TempoTransformerLayer`` (post-LN) behind HF ``BertLayer``'s forward: ``(hidden_states,
+        attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
+        **kwargs) -> hidden_states``. ``attention_mask`` is what the encoder passes: None, a [B, 1, S, S]
+        boolean or additive mask (compacted, see ``_MaskCache``), or [B, S] padding (1 = attend). Other keyword
+        arguments (``position_ids``, ...) are not used by a BERT layer; attention probabilities are never formed,
+        so ``output_attentions`` records nothing for these layers.
+
+        Parameters carry DeepSpeed's names; only ``attn_qkvw`` / ``attn_qkvb`` are new (the q, k, v weights
+        concatenated), every other one is the BertLayer's own Parameter object.
+        """
+
+        def __init__(self, config, initial_weights=None, initial_biases=None, *, approximate="none"):
+            super().__init__(config, initial_weights, initial_biases, approximate=approximate)
+            self.mask_cache = _MaskCache()
+
+        def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, past_key_values=None, **kwargs):
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError("TempoBertLayer has no cross-attention (bert_layer_policy leaves decoders alone)")
+            if past_key_values is not None:
+                raise ValueError("TempoBertLayer keeps no key/value cache (bert_layer_policy leaves decoders alone)")
+            return self._layer(hidden_states, self.mask_cache.compact(attention_mask))
+
+        @classmethod
+        def from_bert_layer(cls, layer, *, normalize_invertible=True, gelu_checkpoint=True,
+                            attn_dropout_checkpoint=True, ds_config_class=None):
+            """The layer equivalent to HF ``BertLayer`` ``layer``, holding its Parameter objects except the new
+            concatenated ``attn_qkvw`` / ``attn_qkvb``. Raises ValueError when ``layer`` is something this layer
+            cannot compute (decoder, cross-attention, an activation other than GELU, unequal dropouts, ...)."""
+            config = _ds_config_from_bert_layer(layer, ds_config_class, normalize_invertible=normalize_invertible,
+                                                gelu_checkpoint=gelu_checkpoint,
+                                                attn_dropout_checkpoint=attn_dropout_checkpoint)
+            approximate = _bert_gelu(layer)
+            modules = dict(layer.named_parameters())
+            weights = [modules[n] for n in BERT_PARAMETERS["attn_qkvw"]] + \
+                      [modules[BERT_PARAMETERS[s][0]] for s in WEIGHT_SLOTS[3:]]
+            biases = [modules[n] for n in BERT_PARAMETERS["attn_qkvb"]] + \
+                     [modules[BERT_PARAMETERS[s][0]] for s in BIAS_SLOTS[3:]]
+            new = cls(config, weights, biases, approximate=approximate)
+            new.train(layer.training)
+            return new
+
+        def copy_to_bert_layer(self, layer) -> None:
+            """Write this layer's current ``attn_qkvw`` / ``attn_qkvb`` back into ``layer``'s query, key and value
+            (the only parameters not shared with it), e.g. before putting the original BertLayer back."""
+            params = dict(layer.named_parameters())
+            h = self.hidden_size
+            with torch.no_grad(), gathered(self.attn_qkvw, self.attn_qkvb):
+                for name in ("attn_qkvw", "attn_qkvb"):
+                    for n, target in enumerate(BERT_PARAMETERS[name]):
+                        with gathered(params[target]):
+                            params[target].copy_(getattr(self, name)[n * h:(n + 1) * h])
+
+    TempoBertLayer.__module__ = __name__
+    TempoBertLayer.__qualname__ = "TempoBertLayer"
+    return TempoBertLayer
+
+
+def __getattr__(name: str):
+    if name == "TempoBertLayer":
+        return _tempo_bert_layer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bert_gelu(layer) -> str:
+    from .nn.fewbit import activation_name
+
+    act = activation_name(layer.intermediate.intermediate_act_fn)
+    if act not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"its activation is {type(layer.intermediate.intermediate_act_fn).__name__}, "
+                         "not a GELU")
+    return "none" if act == "gelu" else "tanh"
+
+
+def _ds_config_from_bert_layer(layer, ds_config_class=None, **switches):
+    """A DeepSpeedTransformerConfig (post-LN) describing HF BertLayer ``layer``; ValueError if none can."""
+    if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
+        raise ValueError("it is a decoder layer (causal self-attention / cross-attention)")
+    self_attn = layer.attention.self
+    parts = {"query": self_attn.query, "key": self_attn.key, "value": self_attn.value,
+             "attention.output.dense": layer.attention.output.dense, "intermediate.dense": layer.intermediate.dense,
+             "output.dense": layer.output.dense}
+    for name, module in parts.items():
+        if type(module) is not nn.Linear or module.bias is None:
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear with a bias")
+    norms = {"attention.output.LayerNorm": layer.attention.output.LayerNorm, "output.LayerNorm": layer.output.LayerNorm}
+    for name, module in norms.items():
+        if type(module) is not nn.LayerNorm or module.weight is None or module.bias is None:
+            raise ValueError(f"{name} is not an nn.LayerNorm with weight and bias")
+    eps = {m.eps for m in norms.values()}
+    hidden_p = {layer.attention.output.dropout.p, layer.output.dropout.p}
+    if len(eps) != 1 or len(hidden_p) != 1:
+        raise ValueError("its two LayerNorms (or its two hidden dropouts) differ, DeepSpeed's layer has one setting")
+    h = self_attn.query.in_features
+    if self_attn.query.out_features != h or self_attn.num_attention_heads * self_attn.attention_head_size != h:
+        raise ValueError("its attention width differs from its hidden size")
+    _bert_gelu(layer)
+    fields = dict(hidden_size=h, intermediate_size=layer.intermediate.dense.out_features,
+                  heads=self_attn.num_attention_heads, attn_dropout_ratio=self_attn.dropout.p,
+                  hidden_dropout_ratio=hidden_p.pop(), layer_norm_eps=eps.pop(), pre_layer_norm=False, **switches)
+    if ds_config_class is None:
+        from deepspeed.ops.transformer import DeepSpeedTransformerConfig as ds_config_class
+    return ds_config_class(**fields)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Injection policy
+# ------------------------------------------------------------------------------------------------------
+class BertLayerPolicy(Policy):
+    """Replace every HF ``BertLayer`` with a ``TempoBertLayer``; the rest of the model is handled as by the
+    ``bert`` policy (embeddings' LayerNorm and dropout, the MLM head, and any BertLayer left alone).
+
+    Opt-in only (``matches`` is False): ``tempo_ds.inject(model, policy="bert_layer")``. Unlike every other
+    policy it creates new Parameter objects — ``attn_qkvw`` / ``attn_qkvb``, the concatenated q, k, v — and its
+    parameters carry DeepSpeed's names (``encoder.layer.0.attn_qkvw``, ...), so it must run before an optimizer
+    is built or ``deepspeed.initialize`` is called, and a ``state_dict`` saved afterwards has DeepSpeed's keys.
+    The original BertLayers keep their old q, k, v weights: ``TempoBertLayer.copy_to_bert_layer`` writes the
+    trained ones back. TempoConfig -> DeepSpeed switches: ``norm`` inplace/off -> ``normalize_invertible``;
+    ``gelu`` recompute (or inplace, same bytes and exact) / off -> ``gelu_checkpoint``; ``attention`` lean / tempo
+    -> ``attn_dropout_checkpoint`` True / False. A layer is left alone (and reported) with ``gelu=fewbit``,
+    ``attention=off`` or ``dropout=off``, which this layer cannot honour, or when it is not a plain BERT
+    encoder layer.
+    """
+
+    def matches(self, model: nn.Module) -> bool:
+        return False
+
+    def plan(self, model: nn.Module, cfg) -> Plan:
+        plan = super().plan(model, cfg)
+        cache = _MaskCache()
+        layer_cls = _tempo_bert_layer_class()
+        for swap in plan.swaps:
+            if isinstance(swap.new, layer_cls):
+                swap.new.mask_cache = cache  # one compacted mask per forward pass, for all layers
+        return plan
+
+    def _plan_module(self, name, module, cfg, pairs, plan) -> bool:
+        if type(module) is not _bert_layer_class():
+            return super()._plan_module(name, module, cfg, pairs, plan)
+        why = self._unsupported(cfg)
+        if why is None:
+            try:
+                new = _tempo_bert_layer_class().from_bert_layer(
+                    module, normalize_invertible=cfg.norm == "inplace", gelu_checkpoint=cfg.gelu != "off",
+                    attn_dropout_checkpoint=cfg.attention == "lean")
+            except ValueError as exc:
+                why = f"TempoTransformerLayer cannot compute this layer: {exc}"
+        if why is not None:
+            plan.skips.append(Skip(name, type(module).__name__, why))
+            return False
+        technique = (f"TempoTransformerLayer (norm={cfg.norm}, gelu={'recompute' if cfg.gelu != 'off' else 'off'}, "
+                     f"attention={cfg.attention}, dropout=seed; new QKV Parameter)")
+        plan.swaps.append(Swap(name, module, new, technique))
+        return True
+
+    @staticmethod
+    def _unsupported(cfg) -> str | None:
+        if cfg.gelu == "fewbit":
+            return "gelu=fewbit: TempoTransformerLayer computes GELU exactly (use the 'bert' policy for few-bit)"
+        if cfg.attention == "off":
+            return "attention=off: TempoTransformerLayer always runs tempo_ds attention"
+        if cfg.dropout == "off":
+            return "dropout=off: TempoTransformerLayer always regenerates dropout masks from a seed"
+        return None
+
+    def _plan_attention(self, model, cfg, plan):
+        layer_cls = _bert_layer_class()
+        swapped = {s.name for s in plan.swaps}
+        if all(name in swapped for name, m in model.named_modules() if type(m) is layer_cls):
+            return None  # no HF attention module is left to dispatch through AttentionInterface
+        return super()._plan_attention(model, cfg, plan)
+
+
+def bert_layer_policy() -> BertLayerPolicy:
+    """The ``bert_layer`` policy (HF BertLayer -> TempoTransformerLayer), for ``tempo_ds.register_policy``."""
+    return BertLayerPolicy("bert_layer", ("bert",), (("intermediate.intermediate_act_fn", "output.dense"),))
