@@ -14,5 +14,5 @@ from .policies import Policy, register_policy
 
 __version__ = "0.1.0"
 
-__all__ = ["inject", "revert", "initialize", "add_config_arguments", "is_injected", "InjectionReport", "TempoConfig", "TempoConfigError", "Policy",
-           "register_policy", "SavedTensorMeter", "memory", "ops", "policies", "__version__"]
+__all__ = ["inject", "revert", "initialize", "add_config_arguments", "is_injected", "InjectionReport", "TempoConfig",
+           "TempoConfigError", "Policy", "register_policy", "SavedTensorMeter", "memory", "ops", "policies", "__version__"]

@@ -260,15 +260,21 @@ def summary(report) -> str:
 
 def configure_activation_checkpointing(ds_config: dict | None, mpu: Any = None) -> bool:
     """Apply the config's ``"activation_checkpointing"`` section with ``deepspeed.checkpointing.configure``,
-    unless it is absent or the training code configured checkpointing itself. Returns whether it applied."""
+    unless it is absent or the training code configured checkpointing itself (then its settings, e.g.
+    Megatron-DeepSpeed's ``num_checkpoints``, stay). Returns whether it applied the section."""
+    global _CONFIGURED_HERE
     if not ds_config or "activation_checkpointing" not in ds_config:
         return False
     import deepspeed
 
-    if deepspeed.checkpointing.is_configured():
+    if deepspeed.checkpointing.is_configured() and not _CONFIGURED_HERE:
         return False
     deepspeed.checkpointing.configure(mpu, deepspeed_config=ds_config)
+    _CONFIGURED_HERE = True
     return True
+
+
+_CONFIGURED_HERE = False
 
 
 def deepspeed_activation_checkpointing(model: nn.Module, *, every_n_layers: int = 1, reentrant: bool = True) -> None:

@@ -30,6 +30,7 @@ class InjectionReport:
     replaced: list[Swap] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     attention: tuple[str, str] | None = None  # (before, after) transformers attention implementation
+    notes: list[str] = field(default_factory=list)
     memory: dict | None = None
     _model: nn.Module | None = field(default=None, repr=False)
 
@@ -76,6 +77,7 @@ class InjectionReport:
                  + ", ".join(f"{k}={v}" for k, v in self.config.techniques().items()) + ")"]
         if self.attention:
             lines.append(f"  attention implementation: {self.attention[0]} -> {self.attention[1]}")
+        lines.extend(f"  note: {note}" for note in self.notes)
         width = max([len(s.name) for s in self.replaced + self.skipped] + [6])
         if self.replaced:
             lines.append(f"  {'replaced':<{width}}  {'before':<22} {'after':<22} technique")
@@ -134,11 +136,20 @@ def _apply(model: nn.Module, plan: Plan, cfg: TempoConfig) -> InjectionReport:
         before = model.config._attn_implementation
         model.set_attn_implementation(plan.attention)
         attention = (before, model.config._attn_implementation)
-    report = InjectionReport(plan.policy, cfg, plan.swaps, plan.skips, attention, _model=model)
+    report = InjectionReport(plan.policy, cfg, plan.swaps, plan.skips, attention, _notes(model), _model=model)
     # A plain attribute (not a submodule): the originals share their Parameters with the replacements and
     # must not appear twice in parameters() or state_dict().
     object.__setattr__(model, _STATE, {"originals": originals, "attention": attention, "report": report})
     return report
+
+
+def _notes(model: nn.Module) -> list[str]:
+    notes = []
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(getattr(model, "config", None), "use_cache", False) and callable(can_generate) and can_generate():
+        notes.append("config.use_cache is True: a forward that fills a KV cache keeps a copy of k and v in every "
+                     "layer; set model.config.use_cache = False for training")
+    return notes
 
 
 def revert(model: nn.Module) -> nn.Module:
