@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from typing import Any, Sequence
 
@@ -404,11 +405,11 @@ def _tempo_bert_layer_class() -> type:
 
         @classmethod
         def from_bert_layer(cls, layer, *, normalize_invertible=True, gelu_checkpoint=True,
-                            attn_dropout_checkpoint=True, ds_config_class=None):
+                            attn_dropout_checkpoint=True):
             """The layer equivalent to HF ``BertLayer`` ``layer``, holding its Parameter objects except the new
             concatenated ``attn_qkvw`` / ``attn_qkvb``. Raises ValueError when ``layer`` is something this layer
             cannot compute (decoder, cross-attention, an activation other than GELU, unequal dropouts, ...)."""
-            config = _ds_config_from_bert_layer(layer, ds_config_class, normalize_invertible=normalize_invertible,
+            config = _ds_config_from_bert_layer(layer, normalize_invertible=normalize_invertible,
                                                 gelu_checkpoint=gelu_checkpoint,
                                                 attn_dropout_checkpoint=attn_dropout_checkpoint)
             approximate = _bert_gelu(layer)
@@ -453,8 +454,9 @@ def _bert_gelu(layer) -> str:
     return "none" if act == "gelu" else "tanh"
 
 
-def _ds_config_from_bert_layer(layer, ds_config_class=None, **switches):
-    """A DeepSpeedTransformerConfig (post-LN) describing HF BertLayer ``layer``; ValueError if none can."""
+def _ds_config_from_bert_layer(layer, **switches):
+    """A DeepSpeedTransformerConfig (post-LN) describing HF BertLayer ``layer`` (a namespace with its fields
+    where DeepSpeed is not installed); ValueError if none can."""
     if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
         raise ValueError("it is a decoder layer (causal self-attention / cross-attention)")
     self_attn = layer.attention.self
@@ -479,9 +481,11 @@ def _ds_config_from_bert_layer(layer, ds_config_class=None, **switches):
     fields = dict(hidden_size=h, intermediate_size=layer.intermediate.dense.out_features,
                   heads=self_attn.num_attention_heads, attn_dropout_ratio=self_attn.dropout.p,
                   hidden_dropout_ratio=hidden_p.pop(), layer_norm_eps=eps.pop(), pre_layer_norm=False, **switches)
-    if ds_config_class is None:
-        from deepspeed.ops.transformer import DeepSpeedTransformerConfig as ds_config_class
-    return ds_config_class(**fields)
+    try:
+        from deepspeed.ops.transformer import DeepSpeedTransformerConfig as config_class
+    except ImportError:
+        config_class = types.SimpleNamespace
+    return config_class(**fields)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -497,7 +501,7 @@ class BertLayerPolicy(Policy):
     is built or ``deepspeed.initialize`` is called, and a ``state_dict`` saved afterwards has DeepSpeed's keys.
     The original BertLayers keep their old q, k, v weights: ``TempoBertLayer.copy_to_bert_layer`` writes the
     trained ones back. TempoConfig -> DeepSpeed switches: ``norm`` inplace/off -> ``normalize_invertible``;
-    ``gelu`` recompute (or inplace, same bytes and exact) / off -> ``gelu_checkpoint``; ``attention`` lean / tempo
+    ``gelu`` recompute (also for inplace: fewer bytes, exact) / off -> ``gelu_checkpoint``; ``attention`` lean / tempo
     -> ``attn_dropout_checkpoint`` True / False. A layer is left alone (and reported) with ``gelu=fewbit``,
     ``attention=off`` or ``dropout=off``, which this layer cannot honour, or when it is not a plain BERT
     encoder layer.
@@ -547,7 +551,8 @@ class BertLayerPolicy(Policy):
     def _plan_attention(self, model, cfg, plan):
         layer_cls = _bert_layer_class()
         swapped = {s.name for s in plan.swaps}
-        if all(name in swapped for name, m in model.named_modules() if type(m) is layer_cls):
+        layers = [name for name, m in model.named_modules() if type(m) is layer_cls]
+        if layers and all(name in swapped for name in layers):
             return None  # no HF attention module is left to dispatch through AttentionInterface
         return super()._plan_attention(model, cfg, plan)
 

@@ -194,7 +194,7 @@ class SavedTensorMeter:
         record = self._live.get(key)
         if record is None:
             self._clock += 1
-            module = self._stack[-1] if self._stack else (ROOT if self._handles else OUTSIDE)
+            module = self._stack[-1] if self._stack else OUTSIDE
             record = SavedRecord(nbytes, module, t.dtype, tuple(t.shape), self._seq, self._clock)
             self._live[key] = record
             self._all.append(record)

@@ -4,6 +4,7 @@ import inspect
 import itertools
 import math
 import pickle
+import sys
 import types
 
 import pytest
@@ -257,7 +258,7 @@ def test_matches_deepspeeds_maths_in_float64(pre_layer_norm, approximate):
             theirs = _grads(lambda t: _reference(low, t, mask.to(dtype)), low, x.to(dtype))
             for what, o, t, r in [("output", ours[0], theirs[0], ref[0]), ("input", ours[1], theirs[1], ref[1])] + \
                                  [(n, ours[2][n], theirs[2][n], ref[2][n]) for n in PARAMETER_ORDER]:
-                assert_within_2x_of_torch(o, t, r, atol=1e-3 * r.abs().max().item(), what=f"{dtype} {what}")
+                assert_within_2x_of_torch(o, t, r, atol=1e-4 * r.abs().max().item(), what=f"{dtype} {what}")
 
 
 @pytest.mark.parametrize("flags", [ALL_FLAGS[0], ALL_FLAGS[-1]], ids=["all_on", "all_off"])
@@ -566,3 +567,13 @@ def test_copy_to_bert_layer_and_pickling():
     again = pickle.loads(pickle.dumps(ours))
     assert type(again) is TempoBertLayer and isinstance(again, BertLayer)
     torch.testing.assert_close(again(x, None), ours(x, None), rtol=0, atol=0)
+
+
+def test_policy_works_without_deepspeed(monkeypatch):
+    """DeepSpeed is optional (the GPU image has none): the layer then takes a namespace with the config fields."""
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.transformer", None)
+    hf, _ = _hf_bert_layer()
+    ours = TempoBertLayer.from_bert_layer(hf)
+    assert type(ours.config) is types.SimpleNamespace and ours.config.hidden_size == 32
+    x = torch.randn(2, 5, 32)
+    _close32(ours(x, None), hf(x, None), "output")

@@ -1,6 +1,5 @@
 """Shared by the ds_*.py scripts that tests/test_deepspeed_integration.py launches under `deepspeed --num_gpus 2`:
 tiny BERT and Llama models, DeepSpeed configs, a training loop, parameter snapshots, per-rank JSON output."""
-import gc
 import json
 import os
 import sys
@@ -35,14 +34,20 @@ def model_config(arch: str, dropout: float = 0.0):
     return cfg
 
 
-def ds_config(stage: int, dtype: str = "fp32", checkpointing: str = "none", arch: str = "bert", lr: float = 1e-3,
-              **extra) -> dict:
+def ds_config(stage: int, dtype: str = "fp32", checkpointing: str = "none", arch: str = "bert", **extra) -> dict:
+    """fp32 trains with AdamW. bf16 trains with SGD + momentum: Adam divides by sqrt(v), so a bf16 rounding
+    difference in a near-zero gradient becomes a +-lr step (measured with AdamW, lr 1e-3, 3 steps: 3-5% of the
+    elements moved opposite ways, loss still within 1.3e-4); SGD keeps parameter differences proportional to
+    gradient differences, so comparing final parameters stays meaningful."""
     zero: dict = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition LayerNorm weights and biases too
+    if dtype == "fp32":
+        optimizer = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}}
+    else:
+        optimizer = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}},
-              "zero_optimization": zero, **extra}
+              "optimizer": optimizer, "zero_allow_untested_optimizer": True, "zero_optimization": zero, **extra}
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
     if checkpointing.startswith("deepspeed"):
@@ -101,13 +106,14 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
 
 
 def max_diff(a: dict, b: dict) -> dict:
-    """Largest |a - b| and largest |a - b| / (atol + |b|) ratio pieces over all parameters."""
-    out = {"abs": 0.0, "excess_1e5": 0.0}
+    """Over all parameters: the largest |a - b|, and the largest excess of |a - b| over two tolerances
+    (<= 0 means within): fp32 ``1e-5 * |b| + 1e-5``; bf16 ``2**-7 * |b|``, one bf16 rounding step at worst."""
+    out = {"abs": 0.0, "excess_fp32": -1.0, "excess_bf16": -1.0}
     for name, x in a.items():
         d = (x - b[name]).abs()
         out["abs"] = max(out["abs"], d.max().item())
-        # > 0 where |a - b| exceeds rtol 1e-5 * |b| + atol 1e-5
-        out["excess_1e5"] = max(out["excess_1e5"], (d - 1e-5 * b[name].abs() - 1e-5).max().item())
+        out["excess_fp32"] = max(out["excess_fp32"], (d - 1e-5 * b[name].abs() - 1e-5).max().item())
+        out["excess_bf16"] = max(out["excess_bf16"], (d - 2 ** -7 * b[name].abs()).max().item())
     return out
 
 
@@ -117,13 +123,12 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 
 def free(*engines) -> None:
     for engine in engines:
-        if hasattr(engine, "destroy"):
-            engine.destroy()
-    del engines
-    gc.collect()
+        engine.destroy()
 
 
 def init_distributed() -> None:
+    """One thread per rank: 2 ranks on 2 cores, and OpenMP threads spinning on a shared core cost 100x."""
+    torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 

@@ -5,6 +5,7 @@ engine (built by tempo_ds.initialize from the config's "tempo" section), each on
 initial weights, train the same 3 steps with dropout off. Each rank writes OUT_DIR/rank<N>.json with, per case,
 both runs' losses, the largest parameter difference, the number of forward calls of a checkpointed submodule
 and what tempo_ds replaced."""
+import sys
 import time
 
 import deepspeed
@@ -14,6 +15,10 @@ from ds_common import (CHECKPOINTING, batches, build_model, ds_config, enable_ch
                        layer_calls, max_diff, script_args, snapshot, train, write)
 
 STEPS = 3
+# Fails the same way without tempo_ds (DeepSpeed 0.19.8, plain LlamaForCausalLM): "The size of tensor a (0) must
+# match the size of tensor b (172)" in backward: the recompute of deepspeed.checkpointing.non_reentrant_checkpoint
+# meets ZeRO-3-partitioned MLP weights. Recorded as skipped, not run.
+DEEPSPEED_FAILS = {(3, "deepspeed_non_reentrant", "llama")}
 
 
 def run(arch: str, stage: int, checkpointing: str, dtype: str, tempo: bool) -> dict:
@@ -38,12 +43,16 @@ def run(arch: str, stage: int, checkpointing: str, dtype: str, tempo: bool) -> d
 def main():
     out_dir, *stages = script_args()
     init_distributed()
-    cases = []
+    cases, skipped = [], []
     start = time.time()
     for stage in map(int, stages):
         for checkpointing in CHECKPOINTING:
             for dtype in ("fp32", "bf16"):
                 for arch in ("bert", "llama"):
+                    if (stage, checkpointing, arch) in DEEPSPEED_FAILS:
+                        skipped.append([stage, checkpointing, dtype, arch])
+                        continue
+                    print(f"case: stage {stage} {checkpointing} {dtype} {arch}", file=sys.stderr, flush=True)
                     plain = run(arch, stage, checkpointing, dtype, tempo=False)
                     ours = run(arch, stage, checkpointing, dtype, tempo=True)
                     cases.append({"stage": stage, "checkpointing": checkpointing, "dtype": dtype, "arch": arch,
@@ -52,7 +61,7 @@ def main():
                                   "calls": [plain["calls"], ours["calls"]], "replaced": ours["replaced"],
                                   "plain_replaced": plain["replaced"], "ds_configured": ours["ds_configured"],
                                   "ds_checkpointing": ours["ds_checkpointing"]})
-    write(out_dir, {"cases": cases, "steps": STEPS, "seconds": time.time() - start})
+    write(out_dir, {"cases": cases, "skipped": skipped, "steps": STEPS, "seconds": time.time() - start})
 
 
 if __name__ == "__main__":
