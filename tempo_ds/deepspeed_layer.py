@@ -39,9 +39,9 @@ Why ``attn_dropout_checkpoint`` maps that way. DeepSpeed's flag (= Tempo's atten
 keeps the softmax output and recomputes the dropped probabilities in backward; without it DeepSpeed also
 keeps the dropped probabilities and a byte mask. Both states of the flag keep an s x s tensor per head.
 Here "off" keeps what DeepSpeed keeps with its flag *on*, with the mask packed to 1 bit (``mode="tempo"``:
-softmax output + 1-bit mask, no scores recomputed), already below DeepSpeed's off state; "on" goes further in the direction the flag asks for —
-trade recompute for memory — and keeps no s x s tensor at all (``mode="lean"``, FlashAttention-style
-recompute of the scores). So each switch, turned on, never costs memory and never changes the maths.
+softmax output + 1-bit mask, no scores recomputed), already below DeepSpeed's off state; "on" goes further
+in the direction the flag asks for — trade recompute for memory — and keeps no s x s tensor at all
+(``mode="lean"``, FlashAttention-style recompute of the scores). So each switch, turned on, never costs memory and never changes the maths.
 
 Bytes kept for backward per token, per layer of a stack (``e`` = element size, ``B*S`` tokens). All
 switches on, either LayerNorm placement: ``(6h + i)*e + 2*4 + 4*a`` — q, k, v (3h, one fused QKV output), the
@@ -422,7 +422,7 @@ def _tempo_bert_layer_class() -> type:
             new.train(layer.training)
             return new
 
-        def copy_to_bert_layer(self, layer) -> None:
+        def write_back(self, layer) -> None:
             """Write this layer's current ``attn_qkvw`` / ``attn_qkvb`` back into ``layer``'s query, key and value
             (the only parameters not shared with it), e.g. before putting the original BertLayer back."""
             params = dict(layer.named_parameters())
@@ -499,8 +499,8 @@ class BertLayerPolicy(Policy):
     policy it creates new Parameter objects — ``attn_qkvw`` / ``attn_qkvb``, the concatenated q, k, v — and its
     parameters carry DeepSpeed's names (``encoder.layer.0.attn_qkvw``, ...), so it must run before an optimizer
     is built or ``deepspeed.initialize`` is called, and a ``state_dict`` saved afterwards has DeepSpeed's keys.
-    The original BertLayers keep their old q, k, v weights: ``TempoBertLayer.copy_to_bert_layer`` writes the
-    trained ones back. TempoConfig -> DeepSpeed switches: ``norm`` inplace/off -> ``normalize_invertible``;
+    ``tempo_ds.revert`` writes the trained q, k, v back into the original BertLayers
+    (``TempoBertLayer.write_back``). TempoConfig -> DeepSpeed switches: ``norm`` inplace/off -> ``normalize_invertible``;
     ``gelu`` recompute (also for inplace: fewer bytes, exact) / off -> ``gelu_checkpoint``; ``attention`` lean / tempo
     -> ``attn_dropout_checkpoint`` True / False. A layer is left alone (and reported) with ``gelu=fewbit``,
     ``attention=off`` or ``dropout=off``, which this layer cannot honour, or when it is not a plain BERT

@@ -158,6 +158,9 @@ def revert(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     for name, module in state["originals"].items():
+        write_back = getattr(model.get_submodule(name), "write_back", None)
+        if callable(write_back):  # a replacement with Parameters of its own hands their values back
+            write_back(module)
         _set_submodule(model, name, module)
     if state["attention"] is not None:
         model.set_attn_implementation(state["attention"][0])

@@ -553,7 +553,7 @@ def test_policy_maps_tempo_config_to_switches(registered):
     assert (layer.normalize_invertible, layer.gelu_checkpoint, layer.attn_dropout_checkpoint) == (True, True, True)
 
 
-def test_copy_to_bert_layer_and_pickling():
+def test_write_back_and_pickling():
     hf, _ = _hf_bert_layer()
     ours = TempoBertLayer.from_bert_layer(hf)
     with torch.no_grad():
@@ -561,7 +561,7 @@ def test_copy_to_bert_layer_and_pickling():
         ours.attn_qkvb.add_(0.25)
     x = torch.randn(2, 5, 32)
     assert not torch.allclose(hf(x, None), ours(x, None))
-    ours.copy_to_bert_layer(hf)
+    ours.write_back(hf)
     torch.testing.assert_close(hf(x, None), ours(x, None), rtol=1e-5, atol=1e-6)
     ours(x, torch.ones(2, 1, 5, 5, dtype=torch.bool))      # fills the mask cache (a weak reference)
     again = pickle.loads(pickle.dumps(ours))
@@ -577,3 +577,23 @@ def test_policy_works_without_deepspeed(monkeypatch):
     assert type(ours.config) is types.SimpleNamespace and ours.config.hidden_size == 32
     x = torch.randn(2, 5, 32)
     _close32(ours(x, None), hf(x, None), "output")
+
+
+def test_revert_writes_the_trained_qkv_back():
+    import transformers
+
+    import tempo_ds
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    model = transformers.BertModel(cfg)
+    report = tempo_ds.inject(model, policy="bert_layer")
+    assert report.policy == "bert_layer"
+    layer = model.encoder.layer[1]
+    with torch.no_grad():
+        layer.attn_qkvw.add_(1.0)                         # "training" moved the concatenated weight
+    trained = layer.attn_qkvw.detach().clone()
+    tempo_ds.revert(model)
+    original = model.encoder.layer[1].attention.self
+    h = cfg.hidden_size
+    torch.testing.assert_close(original.key.weight, trained[h:2 * h], rtol=0, atol=0)

@@ -447,7 +447,7 @@ def compact_mask(mask: torch.Tensor | None, causal_allowed: bool) -> tuple[torch
     even when they only carry padding and causality."""
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2] == 1:
         return mask, False
-    row = mask[..., -1:, :]
+    row = mask[..., -1:, :].clone()  # not a view: a view would keep the whole s x s mask alive
     if bool((mask == row).all()):
         return (None if bool(row.all()) else row), False
     q, k = mask.shape[-2:]
