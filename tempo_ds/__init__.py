@@ -10,9 +10,10 @@ from .config import TempoConfig, TempoConfigError
 from .deepspeed_integration import add_config_arguments, initialize
 from .inject import InjectionReport, inject, is_injected, revert
 from .memory import SavedTensorMeter
-from .deepspeed_layer import TempoTransformerLayer, bert_layer_policy
+from .deepspeed_layer import TempoTransformerLayer, bert_layer_policy, deepspeed_kernel_policy
 from .policies import Policy, register_policy
 
+register_policy(deepspeed_kernel_policy())          # any model holding DeepSpeedTransformerLayers
 register_policy(bert_layer_policy(), first=False)  # opt-in: inject(model, policy="bert_layer")
 
 __version__ = "0.1.0"

@@ -82,6 +82,7 @@ Where it differs from DeepSpeed's layer:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import types
@@ -96,7 +97,8 @@ from .ops import attention, gelu_linear, inplace_layer_norm, seed_dropout
 from .ops._zero import gathered
 from .policies import Plan, Policy, Skip, Swap
 
-__all__ = ["TempoTransformerLayer", "TempoBertLayer", "BertLayerPolicy", "bert_layer_policy", "PARAMETER_ORDER",
+__all__ = ["TempoTransformerLayer", "TempoBertLayer", "BertLayerPolicy", "bert_layer_policy", "DeepSpeedKernelPolicy",
+           "deepspeed_kernel_policy", "PARAMETER_ORDER",
            "BERT_PARAMETERS"]
 
 # DeepSpeedTransformerLayer's parameters, in its declaration order.
@@ -226,6 +228,23 @@ class TempoTransformerLayer(nn.Module):
         for t, slot in zip(values[3:], slots[3:]):
             out[slot] = t if isinstance(t, nn.Parameter) else nn.Parameter(t)  # a Parameter keeps its identity
         return out
+
+    @classmethod
+    def from_deepspeed_layer(cls, layer: nn.Module, **switches: bool) -> "TempoTransformerLayer":
+        """The equivalent of DeepSpeed's ``DeepSpeedTransformerLayer`` ``layer``, holding its twelve Parameter
+        objects (same names and layouts, nothing copied). ``switches`` (``normalize_invertible``,
+        ``gelu_checkpoint``, ``attn_dropout_checkpoint``) override the layer's own config flags."""
+        config = copy.copy(layer.config)
+        for name, value in switches.items():
+            setattr(config, name, value)
+        layer_id = TempoTransformerLayer.layer_id
+        new = cls(config)  # initialises fresh parameters that are replaced right below
+        TempoTransformerLayer.layer_id = layer_id
+        config.layer_id = getattr(layer.config, "layer_id", layer_id)
+        for name in PARAMETER_ORDER:
+            setattr(new, name, getattr(layer, name))
+        new.train(layer.training)
+        return new
 
     def _init_std(self, adjust_init_range: bool) -> tuple[float, float]:
         """(std of attn_qkvw / inter_w, std of attn_ow / output_w) from the config."""
@@ -555,6 +574,42 @@ class BertLayerPolicy(Policy):
         if layers and all(name in swapped for name in layers):
             return None  # no HF attention module is left to dispatch through AttentionInterface
         return super()._plan_attention(model, cfg, plan)
+
+
+def _is_deepspeed_kernel_layer(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "DeepSpeedTransformerLayer" and kind.__module__.startswith("deepspeed.")
+
+
+class DeepSpeedKernelPolicy(Policy):
+    """Models built from DeepSpeed's CUDA training kernel (``DeepSpeedTransformerLayer``, e.g. DeepSpeedExamples'
+    BERT with ``--deepspeed_transformer_kernel``): each such layer becomes a ``TempoTransformerLayer`` holding
+    the same Parameter objects under the same names, so it runs on any device and in bf16. TempoConfig ->
+    DeepSpeed switches as for the ``bert_layer`` policy; the rest of the model is handled as by any policy."""
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(_is_deepspeed_kernel_layer(m) for m in model.modules())
+
+    def _plan_module(self, name, module, cfg, pairs, plan) -> bool:
+        if not _is_deepspeed_kernel_layer(module):
+            return super()._plan_module(name, module, cfg, pairs, plan)
+        why = BertLayerPolicy._unsupported(cfg)
+        if why is not None:
+            plan.skips.append(Skip(name, type(module).__name__, why))
+            return False
+        new = TempoTransformerLayer.from_deepspeed_layer(
+            module, normalize_invertible=cfg.norm == "inplace", gelu_checkpoint=cfg.gelu != "off",
+            attn_dropout_checkpoint=cfg.attention == "lean")
+        plan.swaps.append(Swap(name, module, new, f"TempoTransformerLayer (norm={cfg.norm}, attention={cfg.attention})"))
+        return True
+
+    def _plan_attention(self, model, cfg, plan):
+        return None  # the kernel layers compute their own attention; nothing dispatches through transformers
+
+
+def deepspeed_kernel_policy() -> DeepSpeedKernelPolicy:
+    """The ``deepspeed_kernel`` policy (DeepSpeedTransformerLayer -> TempoTransformerLayer, Parameters kept)."""
+    return DeepSpeedKernelPolicy("deepspeed_kernel")
 
 
 def bert_layer_policy() -> BertLayerPolicy:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch import nn
 from deepspeed.ops.transformer import DeepSpeedTransformerConfig
 from helpers import CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
 from transformers.masking_utils import create_bidirectional_mask
@@ -597,3 +598,27 @@ def test_revert_writes_the_trained_qkv_back():
     original = model.encoder.layer[1].attention.self
     h = cfg.hidden_size
     torch.testing.assert_close(original.key.weight, trained[h:2 * h], rtol=0, atol=0)
+
+
+def test_a_deepspeed_kernel_model_becomes_memory_lean_with_its_own_parameters(deepspeed_layer_on_cpu):
+    """A model built from DeepSpeed's CUDA-only DeepSpeedTransformerLayer (constructed here with its kernel
+    loader stubbed) is injected like any other: every Parameter object and name is kept, and the result
+    computes DeepSpeed's maths on the CPU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[deepspeed_layer_on_cpu(_config(pre_layer_norm=False)) for _ in range(2)])
+    params = dict(model.named_parameters())
+    report = tempo_ds.inject(model)
+    assert report.policy == "deepspeed_kernel" and report.counts() and not report.attention
+    assert all(type(m) is TempoTransformerLayer for m in model)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    reference = nn.Sequential(*[TempoTransformerLayer(_config(pre_layer_norm=False)) for _ in range(2)])
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 32)
+    mask = torch.zeros(2, 1, 1, 8)
+    out = x
+    ref = x
+    for ours, theirs in zip(model, reference):
+        out, ref = ours(out, mask), theirs(ref, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    tempo_ds.revert(model)
+    assert all(type(m) is deepspeed_layer_on_cpu for m in model)
