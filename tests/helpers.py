@@ -62,3 +62,19 @@ def run_checkpointed(fn, inputs: list[torch.Tensor], mode: str, seed: int = 0):
     cot = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
     out.backward(cot)  # not torch.autograd.grad: reentrant checkpoints refuse it
     return out.detach(), [x.grad for x in leaves if x.requires_grad]
+
+
+def assert_autocast_within_2x(ours, theirs, ref64, x: torch.Tensor) -> None:
+    """Under CPU bf16 autocast, ``ours`` (a module) errs at most 2x as much as ``theirs`` against ``ref64`` (the
+    same module in float64, autocast off): output, input gradient and every parameter gradient."""
+    results = []
+    for model, enabled in ((ours, True), (theirs, True), (ref64, False)):
+        xx = x.detach().to(next(model.parameters()).dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y = model(xx)
+            y.sum().backward()
+        results.append([y.detach(), xx.grad] + [p.grad for p in model.parameters()])
+    assert results[0][0].dtype == results[1][0].dtype == torch.bfloat16
+    for o, t, r in zip(*results):
+        assert o.dtype == t.dtype
+        assert_within_2x_of_torch(o, t, r, what="autocast")

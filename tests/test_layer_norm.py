@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import ALL_DTYPES, CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
+from helpers import (ALL_DTYPES, CHECKPOINT_MODES, assert_autocast_within_2x, assert_within_2x_of_torch,
+                     run_checkpointed)
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import InplaceLayerNorm
 from tempo_ds.ops import inplace_layer_norm
@@ -229,19 +230,7 @@ def _mlp(norm):
 
 
 def test_cpu_autocast_bf16():
-    x = torch.randn(6, 5, 12)
-    models = {"ours": _mlp(InplaceLayerNorm), "torch": _mlp(nn.LayerNorm), "ref": _mlp(nn.LayerNorm).double()}
-    results = {}
-    for name, model in models.items():
-        xx = x.detach().to(next(model.parameters()).dtype).requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "ref"):
-            y = model(xx)
-            y.sum().backward()
-        results[name] = [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
-    assert results["ours"][0].dtype == results["torch"][0].dtype == torch.bfloat16
-    for o, t, r in zip(results["ours"], results["torch"], results["ref"]):
-        assert o.dtype == t.dtype
-        assert_within_2x_of_torch(o, t, r, what="autocast")
+    assert_autocast_within_2x(_mlp(InplaceLayerNorm), _mlp(nn.LayerNorm), _mlp(nn.LayerNorm).double(), torch.randn(6, 5, 12))
 
 
 @pytest.mark.parametrize("mode", ["torch_reentrant", "torch_non_reentrant", "deepspeed", "no_grad_recompute"])

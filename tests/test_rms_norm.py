@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from helpers import CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
+from helpers import CHECKPOINT_MODES, assert_autocast_within_2x, assert_within_2x_of_torch, run_checkpointed
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import InplaceRMSNorm
 from tempo_ds.ops import inplace_rms_norm
@@ -229,19 +229,7 @@ def _block(norm):
 
 
 def test_cpu_autocast_bf16():
-    x = torch.randn(6, 5, 12)
-    models = {"ours": _block(InplaceRMSNorm), "hf": _block(LlamaRMSNorm), "ref": _block(LlamaRMSNorm).double()}
-    results = {}
-    for name, model in models.items():
-        xx = x.detach().to(next(model.parameters()).dtype).requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "ref"):
-            y = model(xx)
-            y.sum().backward()
-        results[name] = [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
-    assert results["ours"][0].dtype == results["hf"][0].dtype == torch.bfloat16
-    for o, t, r in zip(results["ours"], results["hf"], results["ref"]):
-        assert o.dtype == t.dtype
-        assert_within_2x_of_torch(o, t, r, what="autocast")
+    assert_autocast_within_2x(_block(InplaceRMSNorm), _block(LlamaRMSNorm), _block(LlamaRMSNorm).double(), torch.randn(6, 5, 12))
 
 
 @pytest.mark.parametrize("mode", ["torch_reentrant", "torch_non_reentrant", "deepspeed", "no_grad_recompute"])
