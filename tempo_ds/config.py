@@ -82,8 +82,8 @@ class TempoConfig(_Strict):
         else:
             raise TempoConfigError(f"tempo config must be a TempoConfig, dict, JSON file path or JSON text, "
                                    f"not {type(config).__name__}")
-        if SECTION in data and (_looks_like_deepspeed(data) or set(data) == {SECTION}):
-            data = data[SECTION] or {}
+        if _looks_like_deepspeed(data) or set(data) == {SECTION}:
+            data = data.get(SECTION) or {}  # a DeepSpeed config without a "tempo" section: the defaults
         if not isinstance(data, dict):
             raise TempoConfigError(f"the '{SECTION}' section must be a JSON object, got {type(data).__name__}")
         return cls.validate_dict({**data, **overrides})
@@ -124,12 +124,21 @@ def _read_json(source: str | os.PathLike) -> dict:
         with open(text, encoding="utf-8") as f:
             raw = f.read()
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        data = _loads(raw)
+    except ValueError as exc:
         raise TempoConfigError(f"tempo config {where} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise TempoConfigError(f"tempo config {where} must hold a JSON object")
     return data
+
+
+def _loads(text: str):
+    """JSON, or HJSON (comments allowed) as DeepSpeed reads its config files, when hjson is installed."""
+    try:
+        import hjson
+    except ImportError:
+        return json.loads(text)
+    return hjson.loads(text)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

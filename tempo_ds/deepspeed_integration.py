@@ -13,17 +13,20 @@ and validates the result strictly (:class:`~tempo_ds.config.TempoConfig`): a bad
 ``TempoConfigError`` naming the key on every rank, before any collective call, so nothing hangs. Then it
 injects the model in place (keeping the Parameter objects, so ``model_parameters`` and ZeRO-3 partitions stay
 valid), calls ``deepspeed.initialize`` with the arguments untouched, and on rank 0 prints a one-line summary
-of the injection (the full report goes to DeepSpeed's logger at INFO level).
-Without a section (or with ``"enabled": false``) and without tempo flags it is ``deepspeed.initialize``.
+of the injection (the full report goes to DeepSpeed's logger at INFO level). Without a section (or with
+``"enabled": false``) and without tempo flags nothing is injected: it is ``deepspeed.initialize`` plus the one
+addition below.
 
 DeepSpeed ignores unknown top-level keys, so the ``"tempo"`` key stays in the config handed to DeepSpeed (and
 in the config it prints and saves with checkpoints).
 
-One thing it does with or without tempo: DeepSpeed's engine never calls ``deepspeed.checkpointing.configure``,
+The addition, made with or without tempo: DeepSpeed's engine never calls ``deepspeed.checkpointing.configure``,
 so an ``"activation_checkpointing"`` section has no effect unless the training code calls it. ``initialize``
-calls it with the config (and ``mpu``) when the section is present and nothing configured checkpointing yet,
-so A/B runs with tempo on and off checkpoint the same way. (On DeepSpeed's CPU accelerator,
-``cpu_checkpointing`` without ``partition_activations`` is broken in DeepSpeed itself.)
+calls it with the config (and ``mpu``) when the section is present, unless the training code configured
+checkpointing itself, so A/B runs with tempo on and off checkpoint the same way. Two DeepSpeed 0.19.8 defects,
+with or without tempo_ds: on the CPU accelerator ``cpu_checkpointing`` without ``partition_activations`` is
+broken; and ``partition_activations`` shifts a checkpointed function's ``None`` positional arguments on
+recompute, which breaks HF BERT layers (``encoder_hidden_states=None`` is passed positionally).
 
 DeepSpeed checkpoints do not hold the random-number generators' states; dropout masks (tempo_ds regenerates
 them from seeds drawn from the global RNG) then differ after a resume. :func:`save_checkpoint` and
@@ -86,15 +89,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     Any of them turns tempo_ds on; their values override the DeepSpeed config's ``"tempo"`` section.
     Composes with ``deepspeed.add_config_arguments`` (no shared option names).
 
-    DeepSpeedExamples' switches for DeepSpeed's CUDA transformer kernel are read as aliases (each turns
-    tempo_ds on; the rest of the settings keep their values):
+    DeepSpeedExamples' switches for DeepSpeed's CUDA transformer kernel are read as aliases; each turns tempo_ds
+    on, the other settings keep their values, and an explicit ``--tempo_<technique>`` still wins:
 
-    ================================  =======================================================
-    ``--deepspeed_transformer_kernel``   tempo_ds on (defaults: every exact technique)
-    ``--normalize_invertible``           ``norm=inplace`` (LayerNorm keeps its output)
-    ``--gelu_checkpoint``                ``gelu=recompute`` (GELU recomputed in backward)
-    ``--attention_dropout_checkpoint``   ``attention=tempo`` (Tempo's attention-dropout recompute)
-    ================================  =======================================================
+    - ``--deepspeed_transformer_kernel``: tempo_ds on (the config's section, else the defaults)
+    - ``--normalize_invertible``: ``norm=inplace`` (LayerNorm keeps its output, not its input)
+    - ``--gelu_checkpoint``: ``gelu=recompute`` (GELU recomputed in backward from its input)
+    - ``--attention_dropout_checkpoint``: ``attention=tempo`` (Tempo's attention-dropout recomputation)
 
     An alias is added only if the parser does not define that option already (training scripts often do;
     add tempo_ds's arguments after your own). Its value is read from ``args`` either way.
@@ -131,8 +132,8 @@ def _cli_settings(args: Any) -> dict:
             raise TempoConfigError(f"--tempo_config: {exc}") from None
     for flag, technique in DEEPSPEED_EXAMPLES_FLAGS.items():
         if getattr(args, flag, False) is True:
-            out.setdefault("enabled", True)
             out.update(technique)
+            out.setdefault("enabled", True)
     for key in SWITCHES:
         value = getattr(args, f"tempo_{key}", None)
         if value is not None:
@@ -172,7 +173,10 @@ def resolve_config(args: Any = None, config: Any = None, config_params: Any = No
     """The validated tempo settings of a run, or None when neither the config nor the command line asks for
     tempo_ds. The DeepSpeed config's ``"tempo"`` section comes first; command-line options override its keys.
     Raises ``TempoConfigError`` (naming the key and where it came from) for a bad section or option."""
-    ds, where = _deepspeed_config(args, config, config_params)
+    return _resolve(*_deepspeed_config(args, config, config_params), args)
+
+
+def _resolve(ds: dict | None, where: str, args: Any) -> TempoConfig | None:
     section = ds.get(SECTION) if ds else None
     merged: dict = {}
     if section is not None:
@@ -220,13 +224,14 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Same arguments (``**kwargs`` carries the rest of deepspeed.initialize's: ``mpu``, ``collate_fn``,
     ``dist_init_required``, ...) and the same return value ``(engine, optimizer, dataloader, lr_scheduler)``.
     The tempo settings are validated before anything is built; the model is injected in place before the
-    engine and optimizer exist; rank 0 prints a summary of the injection (:func:`summary`). An ``"activation_checkpointing"``
-    section is applied with ``deepspeed.checkpointing.configure`` (see the module docstring).
+    engine and optimizer exist; rank 0 prints a summary of the injection (:func:`summary`). An
+    ``"activation_checkpointing"`` section is applied with ``deepspeed.checkpointing.configure`` (see the
+    module docstring).
     """
     import deepspeed
 
-    tempo = resolve_config(args, config, config_params)
-    ds_config, _ = _deepspeed_config(args, config, config_params)
+    ds_config, where = _deepspeed_config(args, config, config_params)
+    tempo = _resolve(ds_config, where, args)
     report = None
     if tempo is not None and tempo.enabled:
         if model is None:
@@ -258,6 +263,9 @@ def summary(report) -> str:
     return line
 
 
+_CONFIGURED_HERE = False  # whether the last deepspeed.checkpointing.configure call was ours
+
+
 def configure_activation_checkpointing(ds_config: dict | None, mpu: Any = None) -> bool:
     """Apply the config's ``"activation_checkpointing"`` section with ``deepspeed.checkpointing.configure``,
     unless it is absent or the training code configured checkpointing itself (then its settings, e.g.
@@ -272,9 +280,6 @@ def configure_activation_checkpointing(ds_config: dict | None, mpu: Any = None) 
     deepspeed.checkpointing.configure(mpu, deepspeed_config=ds_config)
     _CONFIGURED_HERE = True
     return True
-
-
-_CONFIGURED_HERE = False
 
 
 def deepspeed_activation_checkpointing(model: nn.Module, *, every_n_layers: int = 1, reentrant: bool = True) -> None:
@@ -385,18 +390,14 @@ def _bench_model(stage: int, ds_config: dict, seq: int, layers: int | None, seed
 
     cfg = model_config("bert", "base", vocab_size=8192, max_seq=seq, layers=layers)
     torch.manual_seed(seed)
-    if stage == 3:
-        keep = HfDeepSpeedConfig(ds_config)
-        model = transformers.BertForMaskedLM._from_config(cfg)
-        model._tempo_bench_hf_config = keep  # must outlive construction
-        return model
+    if stage == 3:  # built under zero.Init, as transformers does while an HfDeepSpeedConfig is alive
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (held until construction is over)
+        return transformers.BertForMaskedLM._from_config(cfg)
     return transformers.BertForMaskedLM(cfg)
 
 
 def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int | None, seed: int) -> dict:
     """One side-by-side case: a plain and a tempo_ds engine on the same model, batch and seed."""
-    import deepspeed
-
     from .memory import SavedTensorMeter
 
     case = BENCH_CASES[name]
@@ -415,6 +416,7 @@ def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int |
     times: dict[str, list[float]] = {v: [] for v in engines}
     for step, ids in enumerate(batches):
         for variant, engine in engines.items():  # interleaved, so load changes hit both alike
+            ids = ids.to(engine.device)
             torch.manual_seed(seed + step)
             start = time.perf_counter()
             if step == 0:
@@ -429,9 +431,15 @@ def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int |
                 times[variant].append(time.perf_counter() - start)
             out[variant].setdefault("losses", []).append(round(loss.item(), 4))
     hidden = engines["baseline"].module.config.hidden_size
+    every = case["checkpoint_every"]
+    # deepspeed.checkpointing keeps a checkpointed layer's input as a ctx attribute, which saved-tensor hooks (and
+    # so the meter) cannot see: add it, one bf16 [micro_batch, seq, hidden] tensor per checkpointed layer.
+    kept_input = micro_batch * seq * hidden * 2
     for variant in engines:
         out[variant]["step_s"] = statistics.median(times[variant])
-        per_layer = out[variant]["per_layer_bytes"]
+        per_layer = [b + (kept_input if every and i % every == 0 else 0)
+                     for i, b in enumerate(out[variant]["per_layer_bytes"])]
+        out[variant]["per_layer_bytes"] = per_layer
         out[variant]["sbh_per_layer"] = [round(b / (seq * micro_batch * hidden), 2) for b in per_layer]
     return out
 
@@ -455,7 +463,11 @@ def _bench_table(results: list[dict]) -> str:
 def _bench_worker(opts) -> int:
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from deepspeed.accelerator import get_accelerator
+
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores; no oversubscription
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     results = [_bench_case(name, opts.seq, opts.batch, opts.steps, opts.layers, opts.seed) for name in opts.cases]
     if _rank() == 0:
         print(_bench_table(results), flush=True)
@@ -468,7 +480,7 @@ def _bench_worker(opts) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m tempo_ds.deepspeed_integration --bench [--cases zero2 zero3-ckpt2] [--seq 128] ...``
 
-    BERT-base (12 x 768) under DeepSpeed on 2 CPU ranks (gloo), bf16, AdamW: bytes saved for backward per
+    BERT-base (12 x 768) under DeepSpeed on 2 ranks (gloo on CPU), bf16, AdamW: bytes saved for backward per
     layer (meter, first step) and median step time, baseline and tempo_ds engines side by side in one run
     (steps interleaved). ``zero2``: ZeRO-2; ``zero3-ckpt2``: ZeRO-3 under ``zero.Init`` with DeepSpeed
     activation checkpointing on every other layer. Starts ``deepspeed --num_gpus N`` on itself unless

@@ -65,3 +65,12 @@ def test_assignment_is_validated_too():
     cfg = TempoConfig.build()
     with pytest.raises(Exception, match="norm"):
         cfg.norm = "fused"
+
+
+def test_deepspeed_config_without_a_tempo_section_means_defaults(tmp_path):
+    ds = {"train_batch_size": 8, "zero_optimization": {"stage": 2}}
+    assert TempoConfig.build(ds) == TempoConfig.build()
+    commented = tmp_path / "ds.json"
+    commented.write_text('{\n  // DeepSpeed reads HJSON: comments are allowed\n  "train_batch_size": 8,\n'
+                         '  "tempo": {"norm": "off"}\n}\n')
+    assert TempoConfig.build(str(commented)).norm == "off"

@@ -3,6 +3,7 @@ tiny BERT and Llama models, DeepSpeed configs, a training loop, parameter snapsh
 import json
 import os
 import sys
+import warnings
 
 import torch
 import torch._dynamo  # noqa: F401  imported lazily inside zero.Init it trips over zero.Init's patched constructors
@@ -77,8 +78,12 @@ def enable_checkpointing(model, mode: str) -> None:
         return
     if mode.startswith("deepspeed"):
         deepspeed_activation_checkpointing(model, reentrant=mode == "deepspeed")
+    elif mode == "torch_reentrant":  # HF's long-standing name (a deprecated alias in transformers 5.23)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     else:
-        model.activation_checkpointing_enable({"use_reentrant": mode == "torch_reentrant"})
+        model.activation_checkpointing_enable({"use_reentrant": False})
 
 
 def batches(steps: int, seed: int = 1):
@@ -115,10 +120,6 @@ def max_diff(a: dict, b: dict) -> dict:
         out["excess_fp32"] = max(out["excess_fp32"], (d - 1e-5 * b[name].abs() - 1e-5).max().item())
         out["excess_bf16"] = max(out["excess_bf16"], (d - 2 ** -7 * b[name].abs()).max().item())
     return out
-
-
-def rel_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 def free(*engines) -> None:
