@@ -495,7 +495,7 @@ def test_rng_state_round_trip():
 def test_bench_command_runs_both_cases_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, "-m", "tempo_ds.deepspeed_integration", "--bench", "--layers", "2",
+    run = subprocess.run([sys.executable, "-m", "tempo_ds.bench_deepspeed", "--layers", "2",
                           "--seq", "16", "--batch", "1", "--steps", "1", "--json", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
