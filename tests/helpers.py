@@ -78,3 +78,15 @@ def assert_autocast_within_2x(ours, theirs, ref64, x: torch.Tensor) -> None:
     for o, t, r in zip(*results):
         assert o.dtype == t.dtype
         assert_within_2x_of_torch(o, t, r, what="autocast")
+
+
+def assert_checkpoint_matches(fn, inputs: list[torch.Tensor], mode: str):
+    """``fn`` under checkpoint flavour ``mode`` gives bit-for-bit the output and input gradients of the run
+    without checkpointing (same global seed: regenerated dropout masks must match). Returns them."""
+    out_ref, grads_ref = run_checkpointed(fn, inputs, "none")
+    out, grads = run_checkpointed(fn, inputs, mode)
+    assert torch.equal(out, out_ref), mode
+    assert len(grads) == len(grads_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.equal(g, g_ref), mode
+    return out, grads

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import CHECKPOINT_MODES, LOW_PRECISION, assert_within_2x_of_torch, max_err, run_checkpointed
+from helpers import CHECKPOINT_MODES, LOW_PRECISION, assert_checkpoint_matches, assert_within_2x_of_torch, max_err
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import LeanAttention
 from tempo_ds.ops import _rng
@@ -262,11 +262,7 @@ def test_every_checkpoint_mode_gives_the_same_grads_with_dropout(mode, ckpt):
     def fn(q, k, v):
         return attention(torch.tanh(q), k, v, mask, dropout_p=0.3, is_causal=True, mode=mode, block_size=3)
 
-    ref_out, ref_grads = run_checkpointed(fn, [q, k, v], "none")
-    out, grads_ = run_checkpointed(fn, [q, k, v], ckpt)
-    assert torch.equal(out, ref_out)
-    for a, b in zip(grads_, ref_grads):
-        assert torch.equal(a, b)
+    assert_checkpoint_matches(fn, [q, k, v], ckpt)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -289,10 +285,8 @@ def test_autocast_bf16(mode):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return attention(q, k, v, dropout_p=0.2, is_causal=True, mode=mode)
 
-    ref_out, ref_grads = run_checkpointed(fn, [q, k, v], "none")
     for ckpt in ("torch_reentrant", "torch_non_reentrant"):
-        out, grads_ = run_checkpointed(fn, [q, k, v], ckpt)
-        assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads_, ref_grads))
+        assert_checkpoint_matches(fn, [q, k, v], ckpt)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import CHECKPOINT_MODES, assert_within_2x_of_torch, run_checkpointed
+from helpers import CHECKPOINT_MODES, assert_checkpoint_matches, assert_within_2x_of_torch
 from tempo_ds.fewbit import FUNCTIONS, calibrate, l2_error, table
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn.fewbit import (FewBitActivation, FewBitGELU, FewBitHardtanh, FewBitLeakyReLU, FewBitReLU6,
@@ -174,11 +174,7 @@ def test_every_checkpoint_mode_gives_the_same_gradients(mode):
     def fn(x, w):
         return fewbit(x @ w, "gelu", 2) @ w
 
-    ref_out, ref_grads = run_checkpointed(fn, [x, w], "none")
-    out, grads = run_checkpointed(fn, [x, w], mode)
-    assert torch.equal(out, ref_out)
-    for a, b in zip(grads, ref_grads):
-        assert torch.equal(a, b)
+    assert_checkpoint_matches(fn, [x, w], mode)
 
 
 @pytest.mark.parametrize("mode", CHECKPOINT_MODES)
@@ -192,9 +188,7 @@ def test_autocast_bf16_gives_the_same_gradients_checkpointed_or_not(mode):
             h = lin(x)
             return act(h).float()
 
-    ref_out, ref_grads = run_checkpointed(fn, [x], "none")
-    out, grads = run_checkpointed(fn, [x], mode)
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    assert_checkpoint_matches(fn, [x], mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = lin(x.detach())
     xh = h.detach().requires_grad_()

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (ALL_DTYPES, CHECKPOINT_MODES, assert_autocast_within_2x, assert_within_2x_of_torch,
-                     run_checkpointed)
+from helpers import (ALL_DTYPES, CHECKPOINT_MODES, assert_autocast_within_2x, assert_checkpoint_matches,
+                     assert_within_2x_of_torch)
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import InplaceLayerNorm
 from tempo_ds.ops import inplace_layer_norm
@@ -203,12 +203,8 @@ def test_every_checkpoint_mode_gives_identical_gradients(fallback):
     def fn(x, w, b):
         return inplace_layer_norm(x * 1.5, 10, w, b) * 2.0
 
-    out_ref, grads_ref = run_checkpointed(fn, inputs, "none")
     for mode in CHECKPOINT_MODES[1:]:
-        out, grads = run_checkpointed(fn, inputs, mode)
-        assert torch.equal(out, out_ref), mode
-        for g, g_ref in zip(grads, grads_ref):
-            assert torch.equal(g, g_ref), mode
+        assert_checkpoint_matches(fn, inputs, mode)
 
 
 def test_no_grad_saves_nothing_and_gives_the_same_output():
@@ -242,10 +238,8 @@ def test_checkpoint_under_autocast_recomputes_the_same(mode):
         return model(x)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_ref, grads_ref = run_checkpointed(fn, [x], "none")
-        out, grads = run_checkpointed(fn, [x], mode)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, out_ref)
-    assert torch.equal(grads[0], grads_ref[0])
+        out, _ = assert_checkpoint_matches(fn, [x], mode)
+    assert out.dtype == torch.bfloat16
 
 
 # -- memory --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from helpers import CHECKPOINT_MODES, assert_autocast_within_2x, assert_within_2x_of_torch, run_checkpointed
+from helpers import CHECKPOINT_MODES, assert_autocast_within_2x, assert_checkpoint_matches, assert_within_2x_of_torch
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import InplaceRMSNorm
 from tempo_ds.ops import inplace_rms_norm
@@ -203,12 +203,8 @@ def test_every_checkpoint_mode_gives_identical_gradients(fallback):
     def fn(x, w):
         return inplace_rms_norm(x * 1.5, w) * 2.0
 
-    out_ref, grads_ref = run_checkpointed(fn, inputs, "none")
     for mode in CHECKPOINT_MODES[1:]:
-        out, grads = run_checkpointed(fn, inputs, mode)
-        assert torch.equal(out, out_ref), mode
-        for g, g_ref in zip(grads, grads_ref):
-            assert torch.equal(g, g_ref), mode
+        assert_checkpoint_matches(fn, inputs, mode)
 
 
 def test_no_grad_saves_nothing_and_gives_the_same_output():
@@ -237,9 +233,7 @@ def test_checkpoint_under_autocast_recomputes_the_same(mode):
     model = _block(InplaceRMSNorm)
     x = torch.randn(6, 12, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_ref, grads_ref = run_checkpointed(model, [x], "none")
-        out, grads = run_checkpointed(model, [x], mode)
-    assert torch.equal(out, out_ref) and torch.equal(grads[0], grads_ref[0])
+        assert_checkpoint_matches(model, [x], mode)
 
 
 # -- memory --------------------------------------------------------------------------------------------
