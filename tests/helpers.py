@@ -1,6 +1,10 @@
 """Shared test helpers: float64 references, checkpoint flavours and the meter."""
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
+import pytest
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -90,3 +94,23 @@ def assert_checkpoint_matches(fn, inputs: list[torch.Tensor], mode: str):
     for g, g_ref in zip(grads, grads_ref):
         assert torch.equal(g, g_ref), mode
     return out, grads
+
+
+def spied_kernel(monkeypatch, module_name: str, entry_points: tuple[str, ...]):
+    """Generator for fixtures: ``tempo_ds.kernels.<module_name>`` under Triton's interpreter on CPU tensors,
+    with spies recording which ``entry_points`` ran (in ``calls``). ``triton.jit`` picks the interpreter when
+    the kernel module is imported, so the module is reloaded with the variables set (and again after)."""
+    pytest.importorskip("triton")
+    module = importlib.import_module(f"tempo_ds.kernels.{module_name}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
+    importlib.reload(module)
+    calls = []
+    for name in entry_points:
+        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    yield SimpleNamespace(env=monkeypatch, calls=calls, module=module)
+    monkeypatch.undo()
+    importlib.reload(module)

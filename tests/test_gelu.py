@@ -5,9 +5,7 @@ GELU'(GELU^-1(y)) errs. Each accuracy test derives it here, with a float64 bisec
 very outputs the op saved, and asserts the op stays within 2x of it (max abs error over a grid of
 [-10, 10], near each form's minimum and for x < -3; RMS relative error over N(0, 1) samples).
 """
-import importlib
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import ALL_DTYPES, CHECKPOINT_MODES, assert_checkpoint_matches
+from helpers import ALL_DTYPES, CHECKPOINT_MODES, assert_checkpoint_matches, spied_kernel
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import InplaceGELU
 from tempo_ds.ops import gelu as ops_gelu
@@ -353,22 +351,8 @@ def test_polynomial_tables_reproduce_and_meet_their_errors(form):
 
 @pytest.fixture
 def triton_interpreter(monkeypatch):
-    """Run the kernels under Triton's interpreter on CPU tensors. ``triton.jit`` picks the interpreter when
-    the kernel module is imported, so the module is reloaded with the variables set (and after)."""
-    pytest.importorskip("triton")
-    module = importlib.import_module("tempo_ds.kernels.gelu")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("TEMPO_DS_TRITON", "1")
-    importlib.reload(module)
-    calls = []
-    for name in ("forward", "backward"):
-        def spy(*args, _name=name, _fn=getattr(module, name)):
-            calls.append(_name)
-            return _fn(*args)
-        monkeypatch.setattr(module, name, spy)
-    yield SimpleNamespace(env=monkeypatch, calls=calls, module=module)
-    monkeypatch.undo()
-    importlib.reload(module)
+    """The GELU kernels under Triton's interpreter on CPU tensors (see ``helpers.spied_kernel``)."""
+    yield from spied_kernel(monkeypatch, "gelu", ("forward", "backward"))
 
 
 def _ulp(v, dtype):
