@@ -13,7 +13,7 @@ import deepspeed
 import torch
 
 import tempo_ds
-from ds_common import build_model, ds_config, write
+from ds_common import build_model, ds_config, finish, write
 
 BAD_SECTIONS = {
     "unknown key": {"gelu": "inplace", "gelu_bits": 2},
@@ -44,3 +44,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

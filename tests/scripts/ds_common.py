@@ -144,6 +144,17 @@ def write(out_dir: str, data: dict) -> None:
         json.dump({"rank": rank, **data}, f)
 
 
+def finish() -> None:
+    """Exit without interpreter teardown once the results are written: DeepSpeed's shared-memory communication
+    threads can abort the process ("terminate called without an active exception") while C++ statics are
+    destroyed, turning a finished run into a failed launch."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def layer_calls(model) -> list[int]:
     """A counter of forward calls of the first layer's attention (recomputation makes it 2 per step)."""
     prefix, _ = tempo_ds.memory.find_layers(model)

@@ -11,8 +11,8 @@ import time
 import deepspeed
 
 import tempo_ds
-from ds_common import (CHECKPOINTING, batches, build_model, ds_config, enable_checkpointing, free, init_distributed,
-                       layer_calls, max_diff, script_args, snapshot, train, write)
+from ds_common import (CHECKPOINTING, batches, build_model, ds_config, enable_checkpointing, finish, free,
+                       init_distributed, layer_calls, max_diff, script_args, snapshot, train, write)
 
 STEPS = 3
 # Fails the same way without tempo_ds (DeepSpeed 0.19.8, plain LlamaForCausalLM): "The size of tensor a (0) must
@@ -66,3 +66,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

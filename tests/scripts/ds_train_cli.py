@@ -23,7 +23,7 @@ import deepspeed
 import torch
 
 import tempo_ds
-from ds_common import batches, build_model, free, init_distributed, max_diff, snapshot, train, write
+from ds_common import batches, build_model, finish, free, init_distributed, max_diff, snapshot, train, write
 from tempo_ds.deepspeed_integration import load_checkpoint, save_checkpoint
 
 
@@ -154,3 +154,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -10,7 +10,7 @@ import transformers
 from transformers import Trainer, TrainingArguments
 
 import tempo_ds
-from ds_common import MICRO_BATCH, SEQ, VOCAB, model_config, script_args, write
+from ds_common import MICRO_BATCH, SEQ, VOCAB, finish, model_config, script_args, write
 
 STEPS = 6
 DS_CONFIG = {
@@ -62,3 +62,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()
