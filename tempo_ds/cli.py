@@ -5,7 +5,9 @@ import argparse
 import sys
 
 from . import __version__, presets
+from .bench.cli import add_parser as add_bench
 from .fewbit.cli import add_parser as add_fewbit_tables
+from .pretrain.cli import add_parser as add_pretrain
 
 
 def _add_profile(sub) -> None:
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempo-ds", description="Memory-lean transformer training tools.")
     parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_pretrain(sub)
+    add_bench(sub)
     _add_profile(sub)
     _add_bench_ops(sub)
     add_fewbit_tables(sub)

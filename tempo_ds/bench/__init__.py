@@ -1,0 +1,1 @@
+"""tempo_ds.bench (work in progress)."""

@@ -1,0 +1,1 @@
+"""tempo_ds.pretrain (work in progress)."""

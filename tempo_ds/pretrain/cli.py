@@ -1,0 +1,5 @@
+"""Placeholder: replaced by the real sub-command."""
+
+
+def add_parser(subparsers) -> None:
+    pass
