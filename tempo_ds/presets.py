@@ -7,6 +7,8 @@ tests and CPU runs.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 ARCHS = ("bert", "roberta", "gpt2", "llama")
@@ -65,8 +67,14 @@ def model_config(arch: str, size: str = "tiny", *, vocab_size: int = 8192, max_s
     return cfg
 
 
-def build_model(arch: str, size: str = "tiny", *, dtype: str = "fp32", seed: int = 0, **config_kwargs):
-    """A randomly initialised LM-head model of the preset (MLM for BERT/RoBERTa, causal otherwise)."""
+def build_model(arch: str, size: str = "tiny", *, dtype: str = "fp32", seed: int = 0,
+                zero3_config: dict | None = None, **config_kwargs):
+    """A randomly initialised LM-head model of the preset (MLM for BERT/RoBERTa, causal otherwise).
+
+    ``zero3_config``: a DeepSpeed config with ZeRO stage 3; the model is then built partitioned, under
+    ``deepspeed.zero.Init``, the way transformers does it (an ``HfDeepSpeedConfig`` alive during construction,
+    weights initialised inside ``GatheredParameters``; the same weights as without it for the same seed).
+    """
     _choice("dtype", dtype, tuple(DTYPES))
     import transformers
 
@@ -74,6 +82,13 @@ def build_model(arch: str, size: str = "tiny", *, dtype: str = "fp32", seed: int
     cls = {"bert": transformers.BertForMaskedLM, "roberta": transformers.RobertaForMaskedLM,
            "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}[arch]
     torch.manual_seed(seed)
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        importlib.import_module("torch._dynamo")  # torch 2.13 + DeepSpeed 0.19.8: imported before zero.Init
+
+        keep = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (transformers holds a weak reference)
+        return cls._from_config(cfg)
     return cls(cfg).to(DTYPES[dtype])
 
 

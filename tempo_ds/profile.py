@@ -110,10 +110,10 @@ def profile(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: in
 
 def compare(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: int = 2, dtype: str = "bf16",
             attn: str = "eager", layers: int | None = None, data: str | None = None,
-            tokenizer: str | None = None, seed: int = 0, runs: dict[str, dict | None] | None = None
-            ) -> list[Profile]:
-    """Build the preset once (random weights), feed it one batch of real text, and meter a forward pass
-    per run: ``runs`` maps a label to a TempoConfig dict (injected, then reverted) or None (untouched)."""
+            tokenizer: str | None = None, seed: int = 0, runs: dict[str, dict | None] | None = None,
+            device: str | torch.device = "cpu") -> list[Profile]:
+    """Build the preset once (random weights) on ``device``, feed it one batch of real text, and meter a forward
+    pass per run: ``runs`` maps a label to a TempoConfig dict (injected, then reverted) or None (untouched)."""
     from .data import lm_batches, load_texts, load_tokenizer, sample_batch, token_stream
     from .inject import inject, revert
 
@@ -123,12 +123,13 @@ def compare(arch: str = "bert", size: str = "tiny", *, seq: int = 128, batch: in
     configs = {label: None if cfg is None else TempoConfig.build(cfg) for label, cfg in runs.items()}
     tok = load_tokenizer(tokenizer)
     model = presets.build_model(arch, size, dtype=dtype, vocab_size=len(tok), max_seq=seq, attn=attn,
-                                layers=layers, seed=seed)
+                                layers=layers, seed=seed).to(device)
     if data is None:
         inputs = sample_batch(arch, tok, seq, batch, seed=seed)
     else:
         ids = token_stream(load_texts(data), tok)
         inputs = next(lm_batches(ids, seq, batch, mlm=arch in presets.MLM_ARCHS, tokenizer=tok, seed=seed))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     d = presets.dims(model.config)
     results = []
     for label, cfg in configs.items():

@@ -29,7 +29,7 @@ pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
-TRAIN_ARGS = ["--tempo", "--steps", "3", "--seq_len", "32"]
+TRAIN_ARGS = ["--tempo", "--steps", "3", "--seq_len", "32", "--micro_batch", "2"]
 TIMEOUT = 240
 
 
@@ -172,7 +172,8 @@ def test_config_file_zero3_bf16_checkpointing(tmp_path):
     checkpointing; the config's "tempo" section (attention=tempo) reaches both ranks."""
     config = CONFIGS / "bert-large" / "zero3-bf16-ckpt.json"
     cmd = _sh("deepspeed.sh", "--num_gpus", 2, *_port_args(_free_port()), "--", "--deepspeed", "--deepspeed_config",
-              config, "--micro_batch", 2, "--steps", 3, "--seq_len", 32)
+              config, "--size", "tiny", "--micro_batch", 2, "--steps", 3, "--seq_len", 32,
+              "--out", tmp_path / "run")
     ranks = _launch(tmp_path, [cmd])
     assert ranks[0]["tempo"]["attention"] == "tempo" and ranks[0]["zero_stage"] == 3 and ranks[0]["dtype"] == "bf16"
     assert all(0 < x < 20 for x in ranks[0]["losses"])

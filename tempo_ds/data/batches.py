@@ -35,6 +35,8 @@ def lm_batches(
     tokenizer,
     seed: int = 0,
     mlm_probability: float = 0.15,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless, seed-deterministic iterator of batches cut from the token stream ``ids``.
 
@@ -46,6 +48,9 @@ def lm_batches(
     random ordinary token (10%) or kept (10%); labels are -100 except at selected positions.
     Causal batches: ``input_ids``, ``attention_mask``, ``labels`` (= ``input_ids``; HF models
     shift them internally). No padding: ``attention_mask`` is all ones.
+    Data parallel: with ``world_size`` ranks, every rank draws the same global batch of
+    ``batch_size * world_size`` rows (masking included) and keeps rows ``rank * batch_size`` onward,
+    so the ranks read disjoint windows and the global batch does not depend on how it is split.
     """
     if ids.dim() != 1 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)} {ids.dtype}")
@@ -55,6 +60,8 @@ def lm_batches(
         )
     if mlm and (tokenizer.cls_token_id is None or tokenizer.mask_token_id is None):
         raise ValueError("MLM batches need a tokenizer with cls_token and mask_token")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if not 0.0 <= mlm_probability <= 1.0:
         raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
     width = seq_len - 1 if mlm else seq_len
@@ -62,7 +69,11 @@ def lm_batches(
     if n_windows == 0:
         raise ValueError(f"token stream of {ids.numel()} tokens is shorter than one row of {width}")
     windows = ids[: n_windows * width].view(n_windows, width)
-    return _batches(windows, batch_size, mlm, tokenizer, seed, mlm_probability)
+    batches = _batches(windows, batch_size * world_size, mlm, tokenizer, seed, mlm_probability)
+    if world_size == 1:
+        return batches
+    rows = slice(rank * batch_size, (rank + 1) * batch_size)
+    return ({k: v[rows] for k, v in batch.items()} for batch in batches)
 
 
 def _batches(windows, batch_size, mlm, tokenizer, seed, mlm_probability):
