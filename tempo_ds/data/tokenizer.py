@@ -95,7 +95,10 @@ def _load_saved(path: Path) -> PreTrainedTokenizerFast:
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
             raise DataError(f"{path}: directory has no tokenizer.json; {expected}")
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # a broken tokenizer.json or config: JSON, tokenizers or transformers errors
+            raise DataError(f"{path}: cannot read it as a tokenizer ({e}); {expected}") from e
     try:
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), clean_up_tokenization_spaces=False)
     except Exception as e:  # the tokenizers library raises a bare Exception on a bad file

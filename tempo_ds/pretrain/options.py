@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log_interval", type=int, default=25, help="a log line (and monitor events) every N steps")
     t.add_argument("--no_tempo", action="store_true", help="train the untouched model (the config's \"tempo\" "
                    "section and --tempo_* options are ignored)")
-    t.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    t.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only; also the case when stderr is not a terminal)")
     r = p.add_argument_group("processes")
     r.add_argument("--nproc", type=int, default=None, help="ranks to start when not under a launcher (default: "
                    "the number of GPUs, else 2)")
@@ -124,7 +124,8 @@ def check(args) -> None:
         if asked:
             raise ValueError(f"--no_tempo conflicts with --{', --'.join(asked)}")
     else:
-        resolve_config(args, config=config)  # the section and --tempo_* options, named in any error
+        # the section and --tempo_* options, named in any error (the config travels as a dict)
+        resolve_config(argparse.Namespace(**{**vars(args), "deepspeed_config": None}), config=config)
     TempoConfig.build(config)
     _check_deepspeed(config)
     from ..data import load_texts, load_tokenizer

@@ -4,7 +4,7 @@ Data: the token stream of ``--data`` (or the embedded corpus) cut into windows; 
 global batch of ``micro_batch x accumulation x ranks`` windows, each rank its own rows (``lm_batches``), so a
 resumed run reads exactly what the uninterrupted run would have. Metrics go through DeepSpeed's monitor
 (``csv_monitor`` / ``tensorboard`` / ``wandb`` / ``comet`` sections of the config) from rank 0; rank 0 also
-shows a progress bar and prints a log line every ``--log_interval`` steps. SIGINT and SIGTERM end the run
+shows a progress bar (when its stderr is a terminal) and prints a log line every ``--log_interval`` steps. SIGINT and SIGTERM end the run
 after the current step with a checkpoint (see checkpoints.py); the exit status is then 130.
 """
 from __future__ import annotations
@@ -182,7 +182,7 @@ class Run:
         args, rank0 = self.args, self.rank == 0
         stop = StopRequest()
         bar = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not rank0 or args.no_progress)
+                   disable=not rank0 or args.no_progress or not sys.stderr.isatty())
         self.first_step = first_step = self.step
         started, timed_steps = None, 0
         interrupted = False
@@ -278,4 +278,7 @@ def finish(code: int) -> None:
     abort the process in their destructors ("terminate called without an active exception")."""
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: MPI_Finalize, or mpirun reports an improper exit
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     os._exit(code)
