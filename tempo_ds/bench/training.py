@@ -1,0 +1,76 @@
+"""Loss after N training steps: the same initial weights, batches and dropout draws for every variant."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..inject import inject
+
+
+def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, lr: float = 1e-4,
+          seed: int = 0) -> list[float]:
+    """Per-step losses of ``steps`` AdamW steps on ``batches[:steps]``, trained on a copy of ``model`` (which
+    stays untouched) with ``tempo`` (a TempoConfig dict) injected into the copy, or none.
+
+    A 16-bit model trains as mixed-precision frameworks do: 16-bit weights and gradients, an fp32 master copy
+    of the weights that AdamW updates and that is copied back after each step; fp16 adds a dynamic loss scale
+    (``torch.amp.GradScaler``). The loss is ``lm_loss``. The global RNG is seeded with ``seed`` once before
+    the first step, so dropout differs between two runs only through ``seed``.
+    """
+    if steps < 1 or steps > len(batches):
+        raise ValueError(f"steps={steps} must be between 1 and the {len(batches)} batches given")
+    model = copy.deepcopy(model)
+    model.train()
+    if tempo is not None:
+        inject(model, tempo)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device, dtype = params[0].device, params[0].dtype
+    low = dtype != torch.float32
+    master = [p.detach().float().clone().requires_grad_() for p in params] if low else params
+    opt = torch.optim.AdamW(master, lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(seed)
+    losses = []
+    for batch in batches[:steps]:
+        loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        scaler.scale(loss).backward()
+        if low:
+            for p, m in zip(params, master):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if low:
+            with torch.no_grad():
+                for p, m in zip(params, master):
+                    p.copy_(m)
+        losses.append(loss.item())
+    return losses
+
+
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """The LM loss of an HF model on ``batch`` in fp32: cross entropy on logits upcast to fp32, as transformers'
+    ``loss_function`` computes it. A masked LM runs its head (the vocabulary projection) on the masked positions
+    only: the other positions carry label -100 and add nothing to the loss, so the value is the same."""
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    if not type(model).__name__.endswith("ForMaskedLM"):
+        return model.loss_function(logits=model(**inputs).logits, labels=labels, vocab_size=model.config.vocab_size)
+    head, = (m for m in model.children() if m is not model.base_model)
+    masked = labels != -100
+    hidden = model.base_model(**inputs).last_hidden_state
+    return F.cross_entropy(head(hidden[masked]).float(), labels[masked])
+
+
+def tail(steps: int) -> int:
+    """How many final steps the reported loss averages: a quarter of the run, at least 1, at most 20."""
+    return max(1, min(20, steps // 4))
+
+
+def final_loss(losses: list[float], last: int | None = None) -> float:
+    """Mean loss of the last ``last`` steps (default ``tail(len(losses))``)."""
+    last = tail(len(losses)) if last is None else last
+    return sum(losses[-last:]) / last
