@@ -1,0 +1,177 @@
+"""One training-step configuration, run in a fresh process: peak memory and speed at one micro-batch.
+
+    python -m tempo_ds.bench.trial --spec '{"arch": "bert", "size": "large", "seq": 512, "dtype": "bf16",
+        "attn": "eager", "layers": null, "tempo": {}}' --batch 64
+
+Builds the preset (random weights) with fp32 master parameters, trains under ``torch.autocast`` in the
+spec's dtype (fp32: no autocast; fp16 adds a GradScaler), injects tempo_ds when ``spec["tempo"]`` is a
+dict (``{}`` = defaults; ``null`` = the untouched model), and runs ``warmup`` full steps (forward,
+backward, AdamW step) then ``steps`` timed ones on a batch of the embedded corpus. Prints one JSON line.
+
+Peak memory:
+
+* CUDA (``"method": "measured"``): ``torch.cuda.max_memory_allocated`` over all steps, the peak statistics
+  reset once the model, optimizer and batch exist. It includes the parameters, gradients and AdamW states
+  (created in the first step: hence at least one warm-up step). An out-of-memory error is reported as
+  ``{"fits": false, "oom": true}``; ``"fits": true`` only says that the steps ran.
+* CPU (``"method": "derived"``): 16 bytes per parameter of model states (fp32 parameter, gradient and two
+  AdamW moments) plus the bytes autograd saves in the forward, counted by ``SavedTensorMeter`` in the
+  first step. Backward temporaries are not in this figure.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SPEC_KEYS = ("arch", "size", "seq", "dtype", "attn", "layers", "tempo")
+MODEL_STATE_BYTES_PER_PARAM = 16
+OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def check_spec(spec: dict) -> dict:
+    """``spec`` validated: exactly the keys of ``SPEC_KEYS``, a positive ``seq``, a dict or None ``tempo``."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec must be a JSON object with keys {', '.join(SPEC_KEYS)}; got {spec!r}")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if missing or unknown:
+        raise ValueError(f"spec: missing keys {missing}, unknown keys {unknown}; allowed keys: {', '.join(SPEC_KEYS)}")
+    if not isinstance(spec["seq"], int) or spec["seq"] < 1:
+        raise ValueError(f"spec: seq={spec['seq']!r} must be an integer >= 1")
+    if spec["tempo"] is not None and not isinstance(spec["tempo"], dict):
+        raise ValueError(f"spec: tempo={spec['tempo']!r} must be a tempo config dict or null")
+    return spec
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_data():
+    """The embedded corpus' tokenizer and token ids. Tokenizing the corpus takes seconds, which every trial
+    process would pay again, so the ids are cached on disk next to the cached tokenizer."""
+    import torch
+
+    from tempo_ds.data import load_texts, load_tokenizer, token_stream
+    from tempo_ds.data.tokenizer import cache_root
+
+    tok = load_tokenizer()
+    path = cache_root() / f"corpus-ids-{Path(tok.name_or_path).name}.pt"
+    if path.is_file():
+        return tok, torch.load(path)
+    ids = token_stream(load_texts(), tok)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)  # atomic: concurrent trials never read half a file
+    return tok, ids
+
+
+def trial_batch(arch: str, seq: int, batch: int) -> dict:
+    """The batch ``tempo_ds.data.sample_batch(arch, tokenizer, seq, batch, seed=0)`` returns, from the cached
+    corpus ids."""
+    from tempo_ds.data import lm_batches
+    from tempo_ds.presets import MLM_ARCHS
+
+    tok, ids = corpus_data()
+    return next(lm_batches(ids, seq, batch, mlm=arch in MLM_ARCHS, tokenizer=tok, seed=0))
+
+
+def run_trial(spec: dict, batch: int, *, warmup: int = 1, steps: int = 1, device: str | None = None) -> dict:
+    """Train ``steps`` timed steps of ``spec`` at micro-batch ``batch`` after ``warmup`` steps; return the
+    figures (see the module docstring). Raises ``torch.OutOfMemoryError`` when CUDA runs out of memory."""
+    import torch
+
+    from tempo_ds import presets
+    from tempo_ds.inject import inject
+    from tempo_ds.memory import SavedTensorMeter
+
+    check_spec(spec)
+    if batch < 1 or warmup < 1 or steps < 1:
+        raise ValueError(f"batch={batch}, warmup={warmup} and steps={steps} must all be >= 1 (the peak needs "
+                         "one warm-up step: AdamW creates its states in the first step)")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if spec["dtype"] not in presets.DTYPES:
+        raise ValueError(f"spec: dtype={spec['dtype']!r} is not supported; allowed values: {', '.join(presets.DTYPES)}")
+    amp_dtype = None if spec["dtype"] == "fp32" else presets.DTYPES[spec["dtype"]]
+    tok, _ = corpus_data()
+    with dev:  # weights are initialised where they train
+        model = presets.build_model(spec["arch"], spec["size"], dtype="fp32", vocab_size=len(tok),
+                                    max_seq=spec["seq"], attn=spec["attn"], layers=spec["layers"])
+        if spec["tempo"] is not None:
+            inject(model, spec["tempo"])
+    model.to(dev).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    scaler = torch.amp.GradScaler(dev.type, enabled=spec["dtype"] == "fp16")
+    inputs = {k: v.to(dev) for k, v in trial_batch(spec["arch"], spec["seq"], batch).items()}
+
+    def step(meter: SavedTensorMeter | None = None) -> float:
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if meter is None:
+                loss = model(**inputs).loss
+            else:
+                with meter:
+                    loss = model(**inputs).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    meter = SavedTensorMeter(model)
+    step(meter)
+    for _ in range(warmup - 1):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()  # .item() waits for the device
+    step_s = (time.perf_counter() - start) / steps
+    result = {"batch": batch, "fits": True, "oom": False, "device": str(dev), "params": params,
+              "saved_bytes": meter.total_bytes, "step_s": step_s, "tokens_per_s": batch * spec["seq"] / step_s,
+              "loss": loss}
+    if dev.type == "cuda":
+        result.update(method="measured", peak_bytes=torch.cuda.max_memory_allocated(dev),
+                      reserved_bytes=torch.cuda.max_memory_reserved(dev))
+    else:
+        result.update(method="derived", peak_bytes=MODEL_STATE_BYTES_PER_PARAM * params + meter.total_bytes)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench.trial", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help=f"JSON object with keys {', '.join(SPEC_KEYS)}")
+    parser.add_argument("--batch", type=int, required=True, help="micro-batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps (default 1)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    import torch
+
+    try:
+        spec = json.loads(args.spec)
+    except json.JSONDecodeError as e:
+        print(f"error: --spec is not valid JSON: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_trial(spec, args.batch, warmup=args.warmup, steps=args.steps, device=args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a library's allocation failing inside CUDA
+        if not isinstance(e, torch.OutOfMemoryError) and not any(m in str(e) for m in OOM_MESSAGES):
+            raise
+        result = {"batch": args.batch, "fits": False, "oom": True, "method": "measured", "peak_bytes": None}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

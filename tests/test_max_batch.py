@@ -1,0 +1,112 @@
+"""The largest-micro-batch search: the pure search against known thresholds, and the real search on CPU
+(one trial process per batch, derived peak memory) checked against figures computed here independently."""
+import itertools
+
+import pytest
+import torch
+
+from tempo_ds import presets
+from tempo_ds.bench.max_batch import TRIAL_KEYS, binary_search, largest_micro_batch, run_trial
+from tempo_ds.bench.trial import MODEL_STATE_BYTES_PER_PARAM
+from tempo_ds.data import load_tokenizer, sample_batch
+from tempo_ds.inject import inject
+from tempo_ds.memory import SavedTensorMeter
+
+SPEC = {"arch": "bert", "size": "tiny", "seq": 32, "dtype": "bf16", "attn": "eager", "layers": None, "tempo": {}}
+
+
+def threshold_predicate(threshold: int):
+    probes = []
+
+    def fits(batch: int) -> bool:
+        probes.append(batch)
+        return batch <= threshold
+    return fits, probes
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 7, 64, 100])
+def test_binary_search_finds_every_threshold_from_any_guess(max_batch):
+    thresholds = sorted({0, 1, max_batch // 2, max_batch - 1, max_batch})
+    guesses = sorted({-3, 1, 2, max_batch // 3, max_batch, max_batch + 10})
+    for threshold, guess in itertools.product(thresholds, guesses):
+        fits, probes = threshold_predicate(threshold)
+        assert binary_search(fits, max_batch, guess=guess) == threshold, (threshold, guess)
+        assert all(1 <= b <= max_batch for b in probes), probes
+        assert len(probes) == len(set(probes)), f"a batch was tried twice: {probes}"
+
+
+def test_binary_search_grows_exponentially_then_bisects():
+    fits, probes = threshold_predicate(5)
+    assert binary_search(fits, 64) == 5
+    assert probes == [1, 2, 4, 8, 6, 5]
+    fits, probes = threshold_predicate(40)  # a right guess costs two probes: it fits, the next does not
+    assert binary_search(fits, 64, guess=40) == 40 and probes == [40, 41]
+    fits, probes = threshold_predicate(37)  # from above: steps of 1, 2, 4, ... down, then bisect
+    assert binary_search(fits, 64, guess=40) == 37 and probes == [40, 39, 37, 38]
+    fits, probes = threshold_predicate(0)
+    assert binary_search(fits, 64) == 0 and probes == [1]
+    with pytest.raises(ValueError, match="max_batch=0"):
+        binary_search(fits, 0)
+
+
+@pytest.fixture(scope="module")
+def derived_peaks():
+    """16 B/parameter + the bytes saved in a bf16-autocast forward, for batches 1..6, computed here."""
+    torch.set_num_threads(1)
+    tok = load_tokenizer()
+    model = presets.build_model("bert", "tiny", vocab_size=len(tok), max_seq=SPEC["seq"], attn="eager")
+    inject(model, {})
+    model.train()
+    states = MODEL_STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+    peaks = {}
+    for batch in range(1, 7):
+        inputs = sample_batch("bert", tok, SPEC["seq"], batch, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorMeter(model) as meter:
+            model(**inputs)
+        peaks[batch] = states + meter.total_bytes
+    return peaks
+
+
+def test_trial_process_reports_the_derived_peak(derived_peaks, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    r = run_trial(SPEC, 2)
+    assert r["method"] == "derived" and r["device"] == "cpu" and r["fits"] and not r["oom"]
+    assert r["peak_bytes"] == MODEL_STATE_BYTES_PER_PARAM * r["params"] + r["saved_bytes"] == derived_peaks[2]
+    assert r["tokens_per_s"] == pytest.approx(2 * SPEC["seq"] / r["step_s"])
+
+
+def test_largest_micro_batch_on_cpu_matches_the_independent_figures(derived_peaks, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = (derived_peaks[3] + derived_peaks[4]) // 2
+    found = largest_micro_batch(SPEC, budget, max_batch=64)
+    assert found["batch"] == 3 and found["method"] == "derived" and found["budget_bytes"] == budget
+    assert found["peak_bytes"] == derived_peaks[3]
+    by_batch = {t["batch"]: t for t in found["trials"]}
+    assert by_batch[3]["fits"] and not by_batch[4]["fits"]  # the answer fits, the next batch does not
+    for t in found["trials"]:
+        assert set(t) == set(TRIAL_KEYS)
+        assert t["peak_bytes"] == derived_peaks[t["batch"]]
+        assert t["fits"] == (t["peak_bytes"] <= budget)
+    # trials at 1 and 2 predict the answer from the (linear) peaks: then one trial on each side
+    assert [t["batch"] for t in found["trials"]] == [1, 2, 3, 4]
+    # in this process (the smoke benchmark's way) the derived figures are the same
+    here = largest_micro_batch(SPEC, budget, max_batch=64, isolate=False)
+    assert [(t["batch"], t["fits"], t["peak_bytes"]) for t in here["trials"]] == \
+        [(t["batch"], t["fits"], t["peak_bytes"]) for t in found["trials"]]
+
+
+def test_largest_micro_batch_edges(derived_peaks):
+    found = largest_micro_batch(SPEC, derived_peaks[1] - 1, isolate=False)
+    assert found["batch"] == 0 and found["peak_bytes"] is None
+    assert [(t["batch"], t["fits"]) for t in found["trials"]] == [(1, False)]
+    found = largest_micro_batch(SPEC, 10 * derived_peaks[6], max_batch=5, start=2, isolate=False)
+    assert found["batch"] == 5 and found["trials"][-1]["batch"] == 5 and found["peak_bytes"] == derived_peaks[5]
+
+
+def test_trial_errors_are_clear():
+    with pytest.raises(RuntimeError, match=r"(?s)trial at batch 1 .*failed \(exit 2\).*arch='nope' is not supported"):
+        largest_micro_batch({**SPEC, "arch": "nope"}, 10**9)
+    with pytest.raises(ValueError, match=r"unknown keys \['batch'\]"):
+        largest_micro_batch({**SPEC, "batch": 4}, 10**9)
+    with pytest.raises(ValueError, match="budget_bytes=0"):
+        largest_micro_batch(SPEC, 0)
