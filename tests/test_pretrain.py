@@ -151,6 +151,13 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _summary(tmp_path)["steps"] == [s["steps"][1] + 1, s["steps"][1] + 2]
 
+    fresh = pretrain(*TINY, "--steps", 2, "--out", tmp_path)  # a new run would mix with the old one
+    assert fresh.returncode == 2 and "holds a run" in fresh.stderr and "--overwrite" in fresh.stderr
+    over = pretrain(*TINY, "--steps", 2, "--overwrite", "--out", tmp_path)
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
+    assert len(_csv(tmp_path / "monitor" / "pretrain" / "Train_loss.csv")) == 3  # header + 2 steps
+
 
 def test_config_file_gpt2_zero3_tensorboard(tmp_path):
     """Causal LM from a user's DeepSpeed config: ZeRO-3 (model built under zero.Init), a "tempo" section,
@@ -203,6 +210,7 @@ def test_bad_data_and_tokenizer_fail_before_any_process_group(tmp_path):
              (["--tokenizer", tmp_path / "missing"], "missing"),
              (["--tokenizer", junk], "tokenizer"),
              (["--resume"], "no complete checkpoint"),
+             (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
              (["--steps", 0], "--steps=0 must be >= 1"),
              (["--size", "medium"], "size='medium' is not defined for bert"),
              (["--no_tempo", "--tempo_gelu", "fewbit"], "--no_tempo conflicts with --tempo_gelu")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import presets
 
-DEFAULTS = {"arch": "bert", "size": "tiny", "steps": 300, "seq_len": 128, "micro_batch": 16, "lr": 1e-3}
+DEFAULTS = {"arch": "bert", "size": "tiny", "steps": 600, "seq_len": 128, "micro_batch": 16, "lr": 1e-3}
 
 # The embedded default: what `tempo-ds pretrain` with no arguments runs. bf16 (this CPU has avx512_bf16: twice
 # fp32's speed) with fp32 master weights, ZeRO-1, tempo_ds with its default (exact) techniques, metrics through
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (older ones are removed)")
     t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in "
                    "OUT/checkpoints (model, optimizer, scheduler, RNG and data position)")
+    t.add_argument("--overwrite", action="store_true", help="start over in an --out folder that holds a run: its "
+                   "checkpoints, monitor/ and summary.json are removed first")
     t.add_argument("--log_interval", type=int, default=25, help="a log line (and monitor events) every N steps")
     t.add_argument("--no_tempo", action="store_true", help="train the untouched model (the config's \"tempo\" "
                    "section and --tempo_* options are ignored)")
@@ -134,12 +136,17 @@ def check(args) -> None:
         load_texts(args.data)
     if args.tokenizer is not None:
         load_tokenizer(args.tokenizer)
-    if args.resume:
-        from .checkpoints import latest
+    from .checkpoints import latest
 
-        if latest(checkpoint_dir(args)) is None:
-            raise ValueError(f"--resume: no complete checkpoint in {checkpoint_dir(args)} (no 'latest' file); "
-                             "run without --resume to start a new run there")
+    found = latest(checkpoint_dir(args))
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if args.resume and found is None:
+        raise ValueError(f"--resume: no complete checkpoint in {checkpoint_dir(args)} (no 'latest' file); "
+                         "run without --resume to start a new run there")
+    if not args.resume and not args.overwrite and found is not None:
+        raise ValueError(f"--out {args.out} holds a run (checkpoint {found}): pass --resume to continue it, "
+                         "--overwrite to start over, or another --out")
 
 
 def _check_deepspeed(config: dict) -> None:
@@ -153,6 +160,17 @@ def _check_deepspeed(config: dict) -> None:
 
 def checkpoint_dir(args) -> str:
     return os.path.join(args.out, "checkpoints")
+
+
+def clear_run(args) -> None:
+    """--overwrite: remove the previous run's checkpoints, monitor/ and summary.json from --out."""
+    import shutil
+
+    for name in ("checkpoints", "monitor"):
+        shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    summary = os.path.join(args.out, "summary.json")
+    if os.path.isfile(summary):
+        os.remove(summary)
 
 
 def ds_config(args) -> dict:

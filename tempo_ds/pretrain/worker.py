@@ -96,6 +96,10 @@ class Run:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if args.overwrite:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                options.clear_run(args)
+            dist.barrier()
         self.config = options.ds_config(args)
         self.dtype = _dtype(self.config)
         self.stage = self.config.get("zero_optimization", {}).get("stage", 0)
