@@ -225,7 +225,9 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     bad_tempo.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "tempo": {"gelu": "fast"}}))
     bad_ds = tmp_path / "ds.json"
     bad_ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": "three"}}))
-    for path, message in ((tmp_path / "nope.json", "no such file"), (bad_json, "not valid JSON"),
+    fp16 = Path(__file__).resolve().parents[1] / "configs" / "bert-large" / "zero2-fp16.json"
+    for path, message in ((fp16, "fp16 is enabled but DeepSpeed's cpu accelerator does not support it"),
+                          (tmp_path / "nope.json", "no such file"), (bad_json, "not valid JSON"),
                           (bad_tempo, "gelu"), (bad_ds, "DeepSpeed config")):
         _fails_fast("--deepspeed_config", path, message=message, tmp_path=tmp_path)
 

@@ -150,7 +150,15 @@ def check(args) -> None:
 
 
 def _check_deepspeed(config: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    accelerator = get_accelerator()
+    for precision in ("fp16", "bf16"):
+        supported = getattr(accelerator, f"is_{precision}_supported")()
+        if config.get(precision, {}).get("enabled") and not supported:
+            raise ValueError(f"DeepSpeed config: {precision} is enabled but DeepSpeed's {accelerator.device_name()} "
+                             "accelerator does not support it here; use fp32 or the other half precision")
 
     try:
         DeepSpeedConfig(copy.deepcopy(config))
