@@ -3,25 +3,32 @@
     python bench/gpu.py --out $OUT          # CUDA; writes gpu.json and gpu.md, prints the Markdown
     python bench/gpu.py --smoke --out DIR   # tiny sizes on the CPU (Triton's interpreter): the test
 
-Phase 1, kernels: each tempo_ds op on its Triton kernel (``TEMPO_DS_TRITON`` unset / 1) and on its PyTorch
-path (``TEMPO_DS_TRITON=0``), and the plain PyTorch op it replaces, on the same inputs: the largest error of
-the output and of the gradients against a float64 reference, and the median forward+backward time
-(``torch.cuda.Event`` timing after warm-up; ``perf_counter`` on the CPU).
+Before anything runs, triton and the kernel modules of ``tempo_ds.kernels`` must import.
+
+Phase 1, kernels: each tempo_ds op on its Triton kernel (``TEMPO_DS_TRITON=1``) and on its PyTorch path
+(``TEMPO_DS_TRITON=0``), and the plain PyTorch op it replaces, on the same inputs: the largest error of the
+output and of the gradients against a float64 reference, which kernel launchers of ``tempo_ds.kernels`` each
+path called, and the median forward+backward time (``passes`` passes queued between one pair of CUDA events,
+so one launch's latency is not what is timed; ``perf_counter`` on the CPU). An op that fails is a note in the
+report; the others still run.
 
 Phase 2, models: BERT-Large and GPT-2 Large at s=512 in bf16 (fp32 master weights, AdamW), HF eager,
 HF sdpa and tempo_ds (defaults): peak memory and tokens/s at an equal micro-batch, the largest micro-batch
 within the memory budget (``tempo_ds.bench.max_batch.largest_micro_batch``: one process per trial, peak =
 ``torch.cuda.max_memory_allocated``) and tokens/s at each run's largest micro-batch, with ratios to HF
-eager. The Tempo paper reports up to 2x the batch and +16% throughput on BERT-Large.
+eager. The Tempo paper reports up to 2x the batch and +16% throughput on BERT-Large. Order: BERT-Large HF
+eager and tempo_ds, then GPT-2 Large's, then HF sdpa, so a short budget drops the least important runs.
 
-Every phase checks the clock: what would run past ``--budget_s`` is skipped with a note, and both files
-are rewritten after every measurement, so a run cut short still leaves what it measured.
+Every phase checks the clock: what would run past ``--budget_s`` is skipped with a note, a search that the
+deadline cuts short keeps the trials it finished, and both files are rewritten after every measurement, so a
+run cut short still leaves what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import importlib
 import importlib.metadata
 import json
 import math
@@ -30,28 +37,37 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 GIB = 2**30
-KERNEL_SHARE = 0.3     # of --budget_s, at most, for phase 1
-SEARCH_RESERVE_S = 45  # on CUDA, a largest-batch search is not started with less time left
+KERNEL_SHARE = 0.25        # of --budget_s, at most, for phase 1
+TRIAL_ESTIMATE_S = 20      # wall time of one CUDA trial until one is measured: new interpreter, imports, model, steps
+SEARCH_RESERVE_TRIALS = 5  # a largest-batch search is not started with less than this many trials' time left
 
 # Sizes: kernels on rows x hidden / rows x inter activations and [B, H, S, D] attention; models at seq, the
 # equal micro-batch first. Triton's interpreter has no bfloat16 tl.dot (it multiplies the raw bits), so the
 # smoke kernels run in fp16; its trials run in this process (derived figures depend on no allocator state).
 GPU = {"kernel_dtype": "bf16", "rows": 16384, "hidden": 1024, "inter": 4096, "attn": (16, 16, 512, 64),
-       "warmup": 3, "reps": 20, "models": [("BERT-Large", "bert", "large"), ("GPT-2 Large", "gpt2", "large")],
-       "seq": 512, "equal_batch": 8, "max_batch": 4096, "warmup_steps": 1, "steps": 2}
+       "warmup": 2, "reps": 20, "passes": 10,
+       "models": [("BERT-Large", "bert", "large"), ("GPT-2 Large", "gpt2", "large")],
+       "seq": 512, "equal_batch": 8, "max_batch": 4096, "warmup_steps": 2, "steps": 2}
 SMOKE = {"kernel_dtype": "fp16", "rows": 32, "hidden": 128, "inter": 256, "attn": (1, 2, 64, 32),
-         "warmup": 0, "reps": 1, "models": [("BERT tiny", "bert", "tiny"), ("GPT-2 tiny", "gpt2", "tiny")],
+         "warmup": 0, "reps": 1, "passes": 1, "models": [("BERT tiny", "bert", "tiny"), ("GPT-2 tiny", "gpt2", "tiny")],
          "seq": 64, "equal_batch": 2, "max_batch": 16, "warmup_steps": 1, "steps": 1}
 SMOKE_BUDGET_GIB = 0.04
 DROPOUT_P = 0.1
 VARIANTS = {"HF eager": ("eager", None), "HF sdpa": ("sdpa", None), "tempo_ds": ("eager", {})}  # (attn, tempo)
 BASELINE = "HF eager"
 RUN_FIRST = ("HF eager", "tempo_ds")  # for every model before the other runs: the comparison that matters most
+# The Python launchers of the Triton kernels in tempo_ds.kernels, which the ops call on their kernel path
+KERNEL_ENTRY_POINTS = {"gelu": ("forward", "backward"), "layer_norm": ("norm_forward", "norm_backward"),
+                       "attention": ("attention_forward", "attention_backward"), "dropout": ("apply_seed_mask",),
+                       "fewbit": ("forward", "backward")}
+INSTALL_HINT = ("the repository's kernels/ folder becomes tempo_ds.kernels only once installed: run "
+                "`pip install --no-deps --no-build-isolation -e .` in the repository first (bench/README.md)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,9 +78,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget_gb", type=float, default=None,
                    help="memory budget per trial in GiB (default: the card's memory minus --margin_gb)")
     p.add_argument("--margin_gb", type=float, default=4.0,
-                   help="GiB of the card left out of the default budget: CUDA contexts, fragmentation (default 4)")
+                   help="GiB of the card left out of the default budget: CUDA contexts (this process keeps "
+                        "its own), fragmentation (default 4)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU allowed: checks the script in < 60 s")
     return p.parse_args(argv)
+
+
+def preflight() -> str | None:
+    """None when triton and every module of ``KERNEL_ENTRY_POINTS`` import with their entry points; else the
+    error to print."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"triton does not import ({_brief(e)}): the kernels need it; install the triton that matches torch"
+    for name, entry_points in KERNEL_ENTRY_POINTS.items():
+        try:
+            module = importlib.import_module(f"tempo_ds.kernels.{name}")
+        except Exception as e:
+            return f"tempo_ds.kernels.{name} does not import ({_brief(e)}); if the module is missing, {INSTALL_HINT}"
+        missing = [f for f in entry_points if not callable(getattr(module, f, None))]
+        if missing:
+            return f"tempo_ds.kernels.{name} has no {', '.join(missing)}: KERNEL_ENTRY_POINTS is out of date"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class KernelCase:
     op: str                     # the tempo_ds op
     torch_op: str               # the plain PyTorch op it replaces
-    inputs: list                # tensors in the benchmark dtype; all get gradients
+    inputs: list                # leaf tensors in the benchmark dtype, all requiring grad
     ours: Callable
     plain: Callable
     reference: Callable         # (float64 inputs, float64 cotangent) -> (output, [input gradients])
@@ -100,6 +135,29 @@ def triton_flag(value: str | None):
             os.environ["TEMPO_DS_TRITON"] = old
 
 
+@contextlib.contextmanager
+def kernel_calls():
+    """The list of the ``KERNEL_ENTRY_POINTS`` (as ``"module.function"``) called inside the block, in order:
+    each is wrapped in a counter for the block and restored afterwards."""
+    calls: list[str] = []
+    originals = []
+    for name, entry_points in KERNEL_ENTRY_POINTS.items():
+        module = importlib.import_module(f"tempo_ds.kernels.{name}")
+        for fn_name in entry_points:
+            fn = getattr(module, fn_name)
+
+            def counted(*args, _fn=fn, _name=f"{name}.{fn_name}", **kwargs):
+                calls.append(_name)
+                return _fn(*args, **kwargs)
+            originals.append((module, fn_name, fn))
+            setattr(module, fn_name, counted)
+    try:
+        yield calls
+    finally:
+        for module, fn_name, fn in originals:
+            setattr(module, fn_name, fn)
+
+
 def _autograd_reference(fn: Callable) -> Callable:
     def reference(inputs, cot):
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -114,7 +172,6 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
     (see ``run_case``), so our op and the reference draw the same mask seed."""
     import torch
     import torch.nn.functional as F
-    from torch.func import functional_call
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from tempo_ds import ops
@@ -125,12 +182,15 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype) \
+            .requires_grad_()
 
     rows, h, inter = cfg["rows"], cfg["hidden"], cfg["inter"]
     B, H, S, D = cfg["attn"]
     eps = 1e-5
     rms = LlamaRMSNorm(h, eps=eps).to(device, dtype)
+    with torch.no_grad():
+        rms.weight.copy_(randn(h, scale=0.1, shift=1.0))
 
     def keep_mask(shape, device):
         torch.manual_seed(seed)  # the seed our op draws after the same manual_seed
@@ -176,9 +236,10 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda x, w, b: ops.inplace_layer_norm(x, (h,), w, b, eps),
                    lambda x, w, b: F.layer_norm(x, (h,), w, b, eps),
                    _autograd_reference(lambda x, w, b: F.layer_norm(x, (h,), w, b, eps))),
-        KernelCase("inplace_rms_norm", "HF LlamaRMSNorm", [randn(rows, h), randn(h, scale=0.1, shift=1.0)],
+        KernelCase("inplace_rms_norm", "HF LlamaRMSNorm", [randn(rows, h), rms.weight],
                    lambda x, w: ops.inplace_rms_norm(x, w, eps),
-                   lambda x, w: functional_call(rms, {"weight": w}, (x,)), _autograd_reference(rms_ref)),
+                   lambda x, w: rms(x),  # w is rms.weight itself: no parameter to bind per call
+                   _autograd_reference(rms_ref)),
         KernelCase(f"attention (lean), dropout {DROPOUT_P}", f"F.sdpa, dropout {DROPOUT_P}",
                    [randn(B, H, S, D) for _ in range(3)],
                    lambda q, k, v: ops.attention(q, k, v, dropout_p=DROPOUT_P),
@@ -196,12 +257,11 @@ def _fwd_bwd(fn, flag, inputs, cot, seed):
     """Output and input gradients of ``fn`` (forward and backward under ``TEMPO_DS_TRITON=flag``)."""
     import torch
 
-    leaves = [t.detach().requires_grad_() for t in inputs]
     with triton_flag(flag):
         torch.manual_seed(seed)
-        out = fn(*leaves)
-        out.backward(cot)
-    return out.detach(), [t.grad for t in leaves]
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, cot)
+    return out.detach(), list(grads)
 
 
 def _max_err(results, ref) -> tuple[float, float]:
@@ -212,47 +272,54 @@ def _max_err(results, ref) -> tuple[float, float]:
     return out_err, grad_err
 
 
-def _timed_ms(fn, flag, inputs, cot, seed, device) -> float:
-    """Milliseconds of one forward+backward: CUDA events on the GPU, ``perf_counter`` on the CPU."""
+def _timed_ms(fn, flag, inputs, cot, seed, passes: int, device) -> float:
+    """Milliseconds per forward+backward: ``passes`` of them queued between one pair of CUDA events
+    (``perf_counter`` on the CPU). The gradients are returned, not accumulated, and dropped at once."""
     import torch
 
-    leaves = [t.detach().requires_grad_() for t in inputs]
     with triton_flag(flag):
         torch.manual_seed(seed)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(*leaves).backward(cot)
+            for _ in range(passes):
+                torch.autograd.grad(fn(*inputs), inputs, cot)
             end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end)
+            end.synchronize()
+            return start.elapsed_time(end) / passes
         start_s = time.perf_counter()
-        fn(*leaves).backward(cot)
-        return (time.perf_counter() - start_s) * 1e3
+        for _ in range(passes):
+            torch.autograd.grad(fn(*inputs), inputs, cot)
+        return (time.perf_counter() - start_s) * 1e3 / passes
 
 
 def run_case(case: KernelCase, cfg: dict, device, seed: int) -> dict:
-    """Errors against float64 and median fwd+bwd ms of the Triton path, the PyTorch path and the plain op."""
+    """Errors against float64, the kernel launchers called (``{path}_kernels``) and the median fwd+bwd ms of
+    the Triton path, the PyTorch path and the plain op."""
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     with torch.no_grad():
         out_shape = case.plain(*case.inputs).shape
     cot = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(device, case.inputs[0].dtype)
-    ref = case.reference([t.double() for t in case.inputs], cot.double())
+    ref = case.reference([t.detach().double() for t in case.inputs], cot.double())
     paths = {"triton": (case.ours, "1")} if case.has_kernel else {}
     paths.update(pytorch=(case.ours, "0"), torch=(case.plain, None))
     row: dict = {"op": case.op, "torch_op": case.torch_op}
     for name in ("triton", "pytorch", "torch"):
-        row[f"{name}_out_err"] = row[f"{name}_grad_err"] = None
-        if name in paths and (name != "torch" or case.comparable):
+        row[f"{name}_out_err"] = row[f"{name}_grad_err"] = row[f"{name}_kernels"] = None
+        if name in paths:
             fn, flag = paths[name]
-            row[f"{name}_out_err"], row[f"{name}_grad_err"] = _max_err(
-                _fwd_bwd(fn, flag, case.inputs, cot, seed), ref)
+            with kernel_calls() as calls:
+                result = _fwd_bwd(fn, flag, case.inputs, cot, seed)
+            row[f"{name}_kernels"] = sorted(set(calls))
+            if name != "torch" or case.comparable:
+                row[f"{name}_out_err"], row[f"{name}_grad_err"] = _max_err(result, ref)
+            del result
     times: dict[str, list[float]] = {name: [] for name in paths}
     for rep in range(cfg["warmup"] + cfg["reps"]):
         for name, (fn, flag) in paths.items():  # interleaved: clock and load changes hit every path alike
-            ms = _timed_ms(fn, flag, case.inputs, cot, seed, device)
+            ms = _timed_ms(fn, flag, case.inputs, cot, seed, cfg["passes"], device)
             if rep >= cfg["warmup"]:
                 times[name].append(ms)
     for name in ("triton", "pytorch", "torch"):
@@ -260,65 +327,83 @@ def run_case(case: KernelCase, cfg: dict, device, seed: int) -> dict:
     return row
 
 
-def kernel_phase(cfg: dict, dtype, device, deadline: float, notes: list, rows: list, save: Callable) -> None:
-    """Phase 1: one row per op (see ``run_case``) appended to ``rows``; ops that would start after ``deadline``
-    are skipped."""
-    import torch
-
-    cases = kernel_cases(cfg, dtype, device, seed=0)
+def kernel_phase(cases: list[KernelCase], cfg: dict, device, deadline: float, notes: list, rows: list,
+                 save: Callable) -> None:
+    """Phase 1: one row per case (see ``run_case``) appended to ``rows``; a case that raises is a note
+    naming it and its error, and one that would start after ``deadline`` is skipped with a note."""
     for case in cases:
         if time.monotonic() > deadline:
             notes.append(f"kernels: {case.op} skipped, the kernel phase's share of --budget_s was spent")
             continue
-        rows.append(run_case(case, cfg, device, seed=0))
-        _log(f"kernel {case.op}: done")
+        try:
+            rows.append(run_case(case, cfg, device, seed=0))
+            _log(f"kernel {case.op}: done")
+        except Exception as e:
+            notes.append(f"kernels: {case.op} failed: {_brief(e)}")
+            _log(f"kernel {case.op} failed:\n{traceback.format_exc()}")
         save()
-    del cases
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the trials of phase 2 run in other processes
 
 
 # ------------------------------------------------------------------------------------------------
 # Phase 2: models
 # ------------------------------------------------------------------------------------------------
-def model_phase(cfg: dict, dtype: str, budget_bytes: int, isolate: bool, deadline: float, reserve_s: float,
+def model_phase(cfg: dict, dtype: str, budget_bytes: int, device, deadline: float, trial_estimate_s: float,
                 notes: list, rows: list, save: Callable) -> None:
     """Phase 2: for each model and run, the largest micro-batch search, starting at the equal micro-batch
-    (whose trial gives the equal-batch figures). Baseline and tempo_ds of every model go first."""
+    (whose trial gives the equal-batch figures); trials in fresh processes on CUDA, in this one on the CPU.
+    Baseline and tempo_ds of every model go first. A search starts only with ``SEARCH_RESERVE_TRIALS``
+    trials' time left, a trial taking the longest one measured so far (``trial_estimate_s`` before any)."""
     from tempo_ds.bench.max_batch import largest_micro_batch
-    from tempo_ds.bench.trial import corpus_data
 
-    corpus_data()  # tokenizer and corpus ids cached on disk here, not by the first trial
-    order = [(m, v) for v in RUN_FIRST for m in cfg["models"]]
+    order = [(m, v) for m in cfg["models"] for v in RUN_FIRST]
     order += [(m, v) for v in VARIANTS if v not in RUN_FIRST for m in cfg["models"]]
+    walls: list[float] = []
     for (label, arch, size), variant in order:
         attn, tempo = VARIANTS[variant]
+        trial_s = max(walls, default=trial_estimate_s)
         left = deadline - time.monotonic()
-        if left < reserve_s:
-            notes.append(f"models: {label} {variant} skipped, {max(left, 0):.0f} s of --budget_s left")
+        if left <= 0 or left < SEARCH_RESERVE_TRIALS * trial_s:
+            notes.append(f"models: {label} {variant} skipped, {max(left, 0):.0f} s of --budget_s left "
+                         f"(a search needs about {SEARCH_RESERVE_TRIALS} x {trial_s:.0f} s)")
             continue
         spec = {"arch": arch, "size": size, "seq": cfg["seq"], "dtype": dtype, "attn": attn, "layers": None,
                 "tempo": tempo}
         try:
             found = largest_micro_batch(spec, budget_bytes, max_batch=cfg["max_batch"], start=cfg["equal_batch"],
-                                        warmup=cfg["warmup_steps"], steps=cfg["steps"], isolate=isolate,
-                                        deadline=deadline)
-        except (RuntimeError, TimeoutError) as e:
-            notes.append(f"models: {label} {variant} failed: {e}")
+                                        warmup=cfg["warmup_steps"], steps=cfg["steps"],
+                                        isolate=device.type == "cuda", device=device.type, deadline=deadline,
+                                        trial_s=trial_s)
+        except Exception as e:  # a trial that crashed, or hung past its own timeout
+            notes.append(f"models: {label} {variant} failed: {_brief(e)}")
+            _log(traceback.format_exc())
             continue
-        equal = next(t for t in found["trials"] if t["batch"] == cfg["equal_batch"])
+        trials = found["trials"]
+        walls += [t["wall_s"] for t in trials]
+        if not found["complete"]:
+            notes.append(f"models: {label} {variant}: search stopped after {len(trials)} trials, {found['stopped']}; "
+                         "its largest micro-batch is the largest that fitted so far, a lower bound")
+        if not trials:
+            continue
+        by_batch = {t["batch"]: t for t in trials}
+        equal, largest = by_batch[cfg["equal_batch"]], by_batch.get(found["batch"], {})  # the first trial; 0: none
         rows.append({"model": label, "arch": arch, "size": size, "variant": variant, "attn": attn, "tempo": tempo,
-                     "method": found["method"], "equal_batch": cfg["equal_batch"],
+                     "params": next((t["params"] for t in trials if t["params"]), None),
+                     "method": found["method"], "complete": found["complete"], "equal_batch": cfg["equal_batch"],
                      "equal_fits": equal["fits"], "equal_peak_bytes": equal["peak_bytes"],
-                     "equal_reserved_bytes": equal["reserved_bytes"], "equal_tokens_per_s": equal["tokens_per_s"],
+                     "equal_reserved_bytes": equal["reserved_bytes"],
+                     "equal_tokens_per_s": equal["tokens_per_s"], "equal_alloc_retries": equal["alloc_retries"],
                      "largest_batch": found["batch"], "largest_peak_bytes": found["peak_bytes"],
-                     "largest_tokens_per_s": found["tokens_per_s"], "trials": found["trials"]})
-        _log(f"model {label} {variant}: largest micro-batch {found['batch']} ({len(found['trials'])} trials)")
+                     "largest_tokens_per_s": found["tokens_per_s"],
+                     "largest_alloc_retries": largest.get("alloc_retries"),
+                     "search_s": sum(t["wall_s"] for t in trials), "trials": trials})
+        _log(f"model {label} {variant}: largest micro-batch {found['batch']} ({len(trials)} trials, "
+             f"{'complete' if found['complete'] else 'stopped'})")
         save()
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Each run against HF eager of the same model: largest batch, tokens/s (equal and largest batch), peak."""
+    """Each run against HF eager of the same model: largest batch and tokens/s there (None unless both searches
+    completed), tokens/s and peak at the equal batch."""
     def ratio(a, b):
         return a / b if a is not None and b else None
 
@@ -328,10 +413,12 @@ def ratios(rows: list[dict]) -> list[dict]:
         b = base.get(r["model"])
         if b is None or r is b:
             continue
+        both = r["complete"] and b["complete"]  # a stopped search's largest batch is only a lower bound
         out.append({"model": r["model"], "variant": r["variant"],
-                    "largest_batch": ratio(r["largest_batch"], b["largest_batch"]),
+                    "largest_batch": ratio(r["largest_batch"], b["largest_batch"]) if both else None,
                     "equal_tokens_per_s": ratio(r["equal_tokens_per_s"], b["equal_tokens_per_s"]),
-                    "largest_tokens_per_s": ratio(r["largest_tokens_per_s"], b["largest_tokens_per_s"]),
+                    "largest_tokens_per_s":
+                        ratio(r["largest_tokens_per_s"], b["largest_tokens_per_s"]) if both else None,
                     "equal_peak_bytes": ratio(r["equal_peak_bytes"], b["equal_peak_bytes"])})
     return out
 
@@ -347,6 +434,20 @@ def _gib(value) -> str:
     return "-" if value is None else f"{value / GIB:.3g}"
 
 
+def _times(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _retried(text: str, retries) -> str:
+    return f"{text}*" if retries else text
+
+
+def _kernels(names) -> str:
+    if names is None:
+        return "-"
+    return ", ".join(names) if names else "NONE"
+
+
 def _display_order(rows: list[dict]) -> list[dict]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     return sorted(rows, key=lambda r: (models.index(r["model"]), list(VARIANTS).index(r["variant"])))
@@ -359,44 +460,59 @@ def markdown(doc: dict) -> str:
     shapes = (f"activations {sizes['rows']} x {sizes['hidden']} and {sizes['rows']} x {sizes['inter']}, attention "
               + " x ".join(map(str, sizes["attn"])) + " (batch, heads, seq, head dim)")
     lines = [f"# tempo_ds GPU benchmark{' (smoke)' if doc['smoke'] else ''}", "",
-             f"Date: {doc['date']}. Card: {doc['card']}. torch {doc['torch']} (CUDA {doc['cuda'] or 'none'}), "
-             f"triton {doc['triton']}, transformers {doc['transformers']}. Command: `{doc['command']}`; "
-             f"{doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget.", "",
+             f"Date: {doc['date']}. Card: {doc['card']}. Python {doc['python']}, torch {doc['torch']} "
+             f"(CUDA {doc['cuda'] or 'none'}), triton {doc['triton']}, transformers {doc['transformers']}. "
+             f"TEMPO_DS_TRITON: {doc['tempo_ds_triton'] or 'unset'} (the tempo_ds trials inherit it). "
+             f"Command: `{doc['command']}`; {doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget.", "",
              f"## Kernels ({k['dtype']}; {shapes})", "",
-             "Max |error| against a float64 reference on the same inputs (output; input gradients), and the median "
-             "forward+backward time. Triton = the op's Triton kernel, PyTorch path = the same op with "
+             "Max |error| against a float64 reference on the same inputs (output; input gradients), the median "
+             f"forward+backward time (each timing over {k['passes']} queued passes) and the Triton kernel launchers "
+             "the Triton "
+             "path called (NONE: no kernel ran). Triton = the op's Triton kernel, PyTorch path = the same op with "
              "`TEMPO_DS_TRITON=0`, torch = the PyTorch op it replaces (its error is left out where it draws other "
              "dropout masks; few-bit's reference is its own table).", "",
              "| op | replaces | out err Triton | out err PyTorch path | out err torch | grad err Triton | "
-             "grad err PyTorch path | grad err torch | ms Triton | ms PyTorch path | ms torch | Triton / torch time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "grad err PyTorch path | grad err torch | ms Triton | ms PyTorch path | ms torch | Triton / torch time "
+             "| kernels run by the Triton path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in k["rows"]:
         speed = r["triton_ms"] / r["torch_ms"] if r["triton_ms"] is not None and r["torch_ms"] else None
         lines.append(f"| {r['op']} | {r['torch_op']} | {_fmt(r['triton_out_err'])} | {_fmt(r['pytorch_out_err'])} | "
                      f"{_fmt(r['torch_out_err'])} | {_fmt(r['triton_grad_err'])} | {_fmt(r['pytorch_grad_err'])} | "
                      f"{_fmt(r['torch_grad_err'])} | {_fmt(r['triton_ms'], '.3f')} | {_fmt(r['pytorch_ms'], '.3f')} | "
-                     f"{_fmt(r['torch_ms'], '.3f')} | {_fmt(speed, '.2f')} |")
+                     f"{_fmt(r['torch_ms'], '.3f')} | {_fmt(speed, '.2f')} | {_kernels(r['triton_kernels'])} |")
     lines += ["", f"## Models (s={m['seq']}, {m['dtype']} autocast, fp32 master weights, AdamW)", "",
+              f"Vocabulary {m['vocab']} (the embedded corpus' tokenizer, not the original models' own, so the "
+              "parameter counts are below theirs). "
               f"Memory budget per trial: {m['budget_bytes'] / GIB:.2f} GiB ({m['budget_source']}). Peak = "
-              + ("`torch.cuda.max_memory_allocated` over a warm-up and the timed steps, one process per trial."
+              + ("`torch.cuda.max_memory_allocated` over the warm-up and timed steps, one process per trial. "
+                 "`*`: the caching allocator had to free its cache and retry an allocation in that trial "
+                 "(memory nearly full; its time includes the retries)."
                  if m["method"] == "measured" else
-                 "derived on the CPU: 16 B/parameter of model states + bytes saved for backward (meter)."), "",
-              f"| model | run | peak GiB at batch {eq} | reserved GiB at batch {eq} | tokens/s at batch {eq} | "
-              "largest micro-batch | peak GiB there | tokens/s there | trials |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                 "derived on the CPU: 16 B/parameter of model states + bytes saved for backward (meter).")
+              + ("" if all(r["complete"] for r in m["rows"]) else
+                 " `>=`: a search stopped by the deadline, its largest batch so far (see the notes)."), "",
+              f"| model | params | run | peak GiB at batch {eq} | reserved GiB at batch {eq} | "
+              f"tokens/s at batch {eq} | largest micro-batch | peak GiB there | tokens/s there | trials (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in _display_order(m["rows"]):
-        lines.append(f"| {r['model']} | {r['variant']} | {_gib(r['equal_peak_bytes'])} | "
-                     f"{_gib(r['equal_reserved_bytes'])} | {_fmt(r['equal_tokens_per_s'], ',.0f')} | "
-                     f"{r['largest_batch']} | {_gib(r['largest_peak_bytes'])} | "
-                     f"{_fmt(r['largest_tokens_per_s'], ',.0f')} | {len(r['trials'])} |")
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
+        largest = f"{r['largest_batch']}" if r["complete"] else f">= {r['largest_batch']}"
+        lines.append(f"| {r['model']} | {params} | {r['variant']} | "
+                     f"{_retried(_gib(r['equal_peak_bytes']), r['equal_alloc_retries'])} | "
+                     f"{_gib(r['equal_reserved_bytes'])} | "
+                     f"{_retried(_fmt(r['equal_tokens_per_s'], ',.0f'), r['equal_alloc_retries'])} | {largest} | "
+                     f"{_retried(_gib(r['largest_peak_bytes']), r['largest_alloc_retries'])} | "
+                     f"{_retried(_fmt(r['largest_tokens_per_s'], ',.0f'), r['largest_alloc_retries'])} | "
+                     f"{len(r['trials'])} ({r['search_s']:.0f}) |")
     lines += ["", "Ratios to HF eager of the same model (the Tempo paper: up to 2x batch, +16% throughput on "
-              "BERT-Large):", "",
+              "BERT-Large; `-`: not computable, e.g. a search stopped by the deadline):", "",
               "| model | run | largest micro-batch | tokens/s at equal batch | tokens/s at each largest batch | "
               "peak memory at equal batch |", "|---|---|---|---|---|---|"]
     for r in _display_order(m["ratios"]):
-        lines.append(f"| {r['model']} | {r['variant']} | {_fmt(r['largest_batch'], '.2f')}x | "
-                     f"{_fmt(r['equal_tokens_per_s'], '.2f')}x | {_fmt(r['largest_tokens_per_s'], '.2f')}x | "
-                     f"{_fmt(r['equal_peak_bytes'], '.2f')}x |")
+        lines.append(f"| {r['model']} | {r['variant']} | {_times(r['largest_batch'])} | "
+                     f"{_times(r['equal_tokens_per_s'])} | {_times(r['largest_tokens_per_s'])} | "
+                     f"{_times(r['equal_peak_bytes'])} |")
     if doc["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
@@ -409,6 +525,12 @@ def write(doc: dict, out: Path) -> str:
     (out / "gpu.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     (out / "gpu.md").write_text(text, encoding="utf-8")
     return text
+
+
+def _brief(e: BaseException) -> str:
+    """``Type: message`` on one line, at most 400 characters (Triton's compile errors run to pages)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _log(message: str) -> None:
@@ -432,11 +554,20 @@ def main(argv=None) -> int:
     if not cuda and not args.smoke:
         print("error: no CUDA device; on a CPU only --smoke runs", file=sys.stderr)
         return 2
+    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: TRITON_INTERPRET=1 runs the Triton kernels in Python on the CPU: on a GPU their timings "
+              "would mean nothing; unset it", file=sys.stderr)
+        return 2
     if not cuda:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("error: triton was imported before TRITON_INTERPRET=1 could be set", file=sys.stderr)
             return 2
-        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (by the first kernel)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (by the preflight)
+    problem = preflight()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from tempo_ds.bench.trial import corpus_data
     from tempo_ds.presets import DTYPES
 
     cfg = SMOKE if args.smoke else GPU
@@ -448,17 +579,19 @@ def main(argv=None) -> int:
         budget, source = int(total - args.margin_gb * GIB), f"card total {total / GIB:.2f} GiB - {args.margin_gb} GiB"
     else:
         budget, source = int(SMOKE_BUDGET_GIB * GIB), "smoke default"
+    tok, _ = corpus_data()  # tokenizer and corpus ids cached on disk here, not by the first trial
     out = Path(args.out)
     notes: list[str] = []
     card = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
-    doc = {"date": datetime.date.today().isoformat(), "card": card,
+    doc = {"date": datetime.date.today().isoformat(), "card": card, "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
-           "transformers": _version("transformers"), "smoke": args.smoke, "budget_s": args.budget_s,
+           "transformers": _version("transformers"), "tempo_ds_triton": os.environ.get("TEMPO_DS_TRITON"),
+           "smoke": args.smoke, "budget_s": args.budget_s,
            "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "elapsed_s": 0.0, "notes": notes,
-           "kernels": {"dtype": cfg["kernel_dtype"], "rows": [],
+           "kernels": {"dtype": cfg["kernel_dtype"], "passes": cfg["passes"], "rows": [],
                        "sizes": {k: cfg[k] for k in ("rows", "hidden", "inter", "attn")}},
-           "models": {"seq": cfg["seq"], "dtype": "bf16", "equal_batch": cfg["equal_batch"],
+           "models": {"seq": cfg["seq"], "dtype": "bf16", "vocab": len(tok), "equal_batch": cfg["equal_batch"],
                       "method": "measured" if cuda else "derived", "budget_bytes": budget,
                       "budget_source": source, "rows": [], "ratios": []}}
 
@@ -467,10 +600,15 @@ def main(argv=None) -> int:
         doc["models"]["ratios"] = ratios(doc["models"]["rows"])
         write(doc, out)
 
-    kernel_phase(cfg, DTYPES[cfg["kernel_dtype"]], device, started + KERNEL_SHARE * args.budget_s, notes,
-                 doc["kernels"]["rows"], save)
-    model_phase(cfg, "bf16", budget, isolate=cuda, deadline=deadline, reserve_s=SEARCH_RESERVE_S if cuda else 0,
-                notes=notes, rows=doc["models"]["rows"], save=save)
+    kernel_phase(kernel_cases(cfg, DTYPES[cfg["kernel_dtype"]], device, seed=0), cfg, device,
+                 started + KERNEL_SHARE * args.budget_s, notes, doc["kernels"]["rows"], save)
+    if cuda:
+        try:
+            torch.cuda.empty_cache()  # the inputs of phase 1 are gone; the trials of phase 2 run in other processes
+        except RuntimeError as e:  # a kernel that faulted leaves this process's CUDA context unusable
+            notes.append(f"kernels: torch.cuda.empty_cache() failed after phase 1 ({_brief(e)})")
+    model_phase(cfg, "bf16", budget, device, deadline, TRIAL_ESTIMATE_S if cuda else 0.0, notes,
+                doc["models"]["rows"], save)
     save()
     print(markdown(doc))
     return 0

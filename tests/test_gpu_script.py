@@ -1,5 +1,10 @@
 """bench/gpu.py in --smoke mode (tiny sizes, the kernels under Triton's interpreter, derived memory): it runs,
-writes gpu.json and gpu.md with every row and field, and its figures agree with each other."""
+writes gpu.json and gpu.md with every row and field, its figures agree with each other and the Triton path
+really ran the kernels; plus its error paths (a failing op, a broken install) and the report of a search cut
+short."""
+import copy
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -8,18 +13,35 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
 OPS = ["inplace_gelu", "inplace_gelu tanh", "gelu_linear", "inplace_layer_norm", "inplace_rms_norm",
        "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"]
 NOT_COMPARABLE = {"attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"}  # other masks / table
+KERNELS = {"inplace_gelu": ["gelu.backward", "gelu.forward"], "inplace_gelu tanh": ["gelu.backward", "gelu.forward"],
+           "inplace_layer_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
+           "inplace_rms_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
+           "attention (lean), dropout 0.1": ["attention.attention_backward", "attention.attention_forward"],
+           "seed_dropout p=0.1": ["dropout.apply_seed_mask"],
+           "fewbit gelu 2-bit": ["fewbit.backward", "fewbit.forward"]}
 MODELS = ["BERT tiny", "GPT-2 tiny"]
 RUNS = ["HF eager", "HF sdpa", "tempo_ds"]
 
 
-def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # the script sets it itself on a machine without CUDA
+def load_script():
+    """bench/gpu.py as the module ``bench_gpu`` (registered first: its dataclass looks its module up)."""
+    if "bench_gpu" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+        sys.modules["bench_gpu"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_gpu"])
+    return sys.modules["bench_gpu"]
+
+
+def run_script(out: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}  # the CPU, even on a GPU host
+    for name in ("TRITON_INTERPRET", "TEMPO_DS_TRITON"):  # the script sets the first itself without CUDA
+        env.pop(name, None)
     return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args], capture_output=True,
                           text=True, env=env, timeout=300)
 
@@ -35,21 +57,28 @@ def smoke(tmp_path_factory):
 def test_smoke_writes_both_files_and_prints_the_markdown(smoke):
     run, doc, md = smoke
     assert run.stdout.strip() == md.strip()
-    assert doc["smoke"] is True and doc["notes"] == []
+    assert doc["smoke"] is True and doc["notes"] == [] and doc["tempo_ds_triton"] is None
     assert doc["card"].startswith("CPU") and doc["torch"] and doc["triton"] and doc["transformers"]
+    assert doc["python"] == ".".join(map(str, sys.version_info[:3]))
     assert 0 < doc["elapsed_s"] < doc["budget_s"] == 450
-    for needle in [doc["date"], doc["card"], f"torch {doc['torch']}", f"triton {doc['triton']}",
-                   "| op | replaces |", "| model | run |", "largest micro-batch"]:
+    for needle in [doc["date"], doc["card"], f"Python {doc['python']}", f"torch {doc['torch']}",
+                   f"triton {doc['triton']}", "TEMPO_DS_TRITON: unset", "| op | replaces |", "| model | params | run |",
+                   "largest micro-batch", f"Vocabulary {doc['models']['vocab']}"]:
         assert needle in md
+    assert ">=" not in md and "x |" in md and "-x" not in md
 
 
 def test_kernel_rows(smoke):
     _, doc, md = smoke
     rows = doc["kernels"]["rows"]
-    assert [r["op"] for r in rows] == OPS and doc["kernels"]["dtype"] == "fp16"
+    assert [r["op"] for r in rows] == OPS and doc["kernels"]["dtype"] == "fp16" and doc["kernels"]["passes"] == 1
     for r in rows:
-        assert f"| {r['op']} | {r['torch_op']} |" in md
         paths = ["pytorch", "torch"] if r["op"] == "gelu_linear" else ["triton", "pytorch", "torch"]
+        # the Triton path called the op's kernel launchers, forward and backward; the others called none
+        assert r["triton_kernels"] == KERNELS.get(r["op"]), r["op"]
+        assert r["pytorch_kernels"] == r["torch_kernels"] == [], r["op"]
+        line = next(line for line in md.splitlines() if line.startswith(f"| {r['op']} | {r['torch_op']} |"))
+        assert line.endswith(f"| {', '.join(KERNELS[r['op']]) if r['op'] in KERNELS else '-'} |"), line
         for name in ["triton", "pytorch", "torch"]:
             assert (r[f"{name}_ms"] is not None) == (name in paths), (r["op"], name)
             errs = [r[f"{name}_out_err"], r[f"{name}_grad_err"]]
@@ -70,19 +99,26 @@ def test_model_rows_and_ratios(smoke):
     _, doc, md = smoke
     models = doc["models"]
     assert models["method"] == "derived" and models["seq"] == 64 and models["equal_batch"] == 2
+    assert models["vocab"] == 8192
     rows = {(r["model"], r["variant"]): r for r in models["rows"]}
-    assert sorted(rows) == sorted((m, v) for m in MODELS for v in RUNS)
+    # BERT-Large / GPT-2 Large eager and tempo_ds first, HF sdpa last
+    assert [(r["model"], r["variant"]) for r in models["rows"]] == [
+        ("BERT tiny", "HF eager"), ("BERT tiny", "tempo_ds"), ("GPT-2 tiny", "HF eager"), ("GPT-2 tiny", "tempo_ds"),
+        ("BERT tiny", "HF sdpa"), ("GPT-2 tiny", "HF sdpa")]
     budget = models["budget_bytes"]
     for (model, variant), r in rows.items():
-        assert r["method"] == "derived"
+        assert r["method"] == "derived" and r["complete"] is True
         trials = {t["batch"]: t for t in r["trials"]}
+        assert all(t["params"] == r["params"] > 0 and t["wall_s"] > 0 and t["alloc_retries"] is None
+                   for t in r["trials"])
+        assert r["search_s"] == pytest.approx(sum(t["wall_s"] for t in r["trials"]))
         equal = trials[2]
         assert (r["equal_peak_bytes"], r["equal_tokens_per_s"]) == (equal["peak_bytes"], equal["tokens_per_s"])
         largest = trials[r["largest_batch"]]
         assert largest["fits"] and largest["peak_bytes"] == r["largest_peak_bytes"] <= budget
         assert r["largest_tokens_per_s"] == largest["tokens_per_s"] > 0
         assert not trials[r["largest_batch"] + 1]["fits"]  # the budget, not the smoke's max_batch, stopped it
-        assert f"| {model} | {variant} |" in md
+        assert f"| {model} | {r['params'] / 1e6:.1f}M | {variant} |" in md
     ratios = {(r["model"], r["variant"]): r for r in models["ratios"]}
     assert sorted(ratios) == sorted((m, v) for m in MODELS for v in RUNS if v != "HF eager")
     for (model, variant), q in ratios.items():
@@ -96,11 +132,69 @@ def test_model_rows_and_ratios(smoke):
         assert rows[(model, "tempo_ds")]["largest_batch"] >= rows[(model, "HF eager")]["largest_batch"]
 
 
+def test_report_of_a_stopped_search_and_allocator_retries(smoke):
+    """What a CUDA run cut short would write: '>=' for a stopped search, '-' for the ratios it makes
+    meaningless, '*' on the figures of a trial whose allocator retried."""
+    gpu = load_script()
+    doc = copy.deepcopy(smoke[1])
+    rows = {(r["model"], r["variant"]): r for r in doc["models"]["rows"]}
+    stopped, retried = rows[("BERT tiny", "tempo_ds")], rows[("GPT-2 tiny", "HF eager")]
+    stopped["complete"] = False
+    retried["equal_alloc_retries"] = 3
+    doc["models"]["ratios"] = ratios = {(q["model"], q["variant"]): q for q in gpu.ratios(doc["models"]["rows"])}
+    q = ratios[("BERT tiny", "tempo_ds")]
+    assert q["largest_batch"] is None and q["largest_tokens_per_s"] is None
+    assert q["equal_peak_bytes"] == pytest.approx(stopped["equal_peak_bytes"] / rows[("BERT tiny", "HF eager")]
+                                                  ["equal_peak_bytes"])
+    doc["models"]["ratios"] = list(ratios.values())
+    md = gpu.markdown(doc)
+    assert f"| >= {stopped['largest_batch']} |" in md and "a search stopped by the deadline" in md
+    assert f"| BERT tiny | tempo_ds | - | {q['equal_tokens_per_s']:.2f}x | - | {q['equal_peak_bytes']:.2f}x |" in md
+    assert f"| {retried['equal_peak_bytes'] / 2**30:.3g}* |" in md and "-x" not in md
+
+
+def test_a_failing_op_is_a_note_and_the_others_still_run(tmp_path):
+    gpu = load_script()
+    cases = gpu.kernel_cases(gpu.SMOKE, torch.float32, torch.device("cpu"), seed=0)
+    good = next(c for c in cases if c.op == "gelu_linear")
+    x, w, b = good.inputs
+    bad = dataclasses.replace(good, op="gelu_linear, mismatched shapes", inputs=[x, w[:, :-1], b])
+    notes, rows, saves = [], [], []
+    gpu.kernel_phase([bad, good], gpu.SMOKE, torch.device("cpu"), math.inf, notes, rows, lambda: saves.append(1))
+    assert [r["op"] for r in rows] == ["gelu_linear"] and rows[0]["pytorch_ms"] > 0 and len(saves) == 2
+    assert len(notes) == 1 and notes[0].startswith("kernels: gelu_linear, mismatched shapes failed: RuntimeError: ")
+    assert "cannot be multiplied" in notes[0]
+
+
+def test_a_broken_install_is_a_clear_error_before_anything_runs(tmp_path):
+    planted = tmp_path / "planted" / "triton"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("raise ImportError('planted: no triton here')\n")
+    run = run_script(tmp_path / "out",
+                     PYTHONPATH=os.pathsep.join([str(planted.parent), os.environ.get("PYTHONPATH", "")]))
+    assert run.returncode == 2 and not (tmp_path / "out").exists()
+    assert "error: triton does not import (ImportError: planted: no triton here)" in run.stderr
+
+
 def test_deadline_skips_with_notes(tmp_path):
     run = run_script(tmp_path, "--budget_s", "0")
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu.json").read_text())
-    assert doc["kernels"]["rows"] == [] and doc["models"]["rows"] == []
+    assert doc["kernels"]["rows"] == [] and doc["models"]["rows"] == [] and doc["models"]["ratios"] == []
     assert len(doc["notes"]) == len(OPS) + len(MODELS) * len(RUNS)
     assert all("skipped" in n for n in doc["notes"])
     assert "Notes:" in (tmp_path / "gpu.md").read_text()
+
+
+def test_preflight_names_the_missing_kernel_module_and_the_install_step(monkeypatch):
+    gpu = load_script()
+    assert gpu.preflight() is None
+    monkeypatch.setitem(sys.modules, "tempo_ds.kernels.layer_norm", None)  # import raises ImportError
+    problem = gpu.preflight()
+    assert problem.startswith("tempo_ds.kernels.layer_norm does not import (ModuleNotFoundError: ")
+    assert "pip install --no-deps --no-build-isolation -e ." in problem
+    monkeypatch.undo()
+    import tempo_ds.kernels.dropout as dropout
+
+    monkeypatch.delattr(dropout, "apply_seed_mask")
+    assert gpu.preflight() == "tempo_ds.kernels.dropout has no apply_seed_mask: KERNEL_ENTRY_POINTS is out of date"

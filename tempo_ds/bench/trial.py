@@ -12,11 +12,15 @@ Peak memory:
 
 * CUDA (``"method": "measured"``): ``torch.cuda.max_memory_allocated`` over all steps, the peak statistics
   reset once the model, optimizer and batch exist. It includes the parameters, gradients and AdamW states
-  (created in the first step: hence at least one warm-up step). An out-of-memory error is reported as
+  (created in the first step: hence at least one warm-up step; two by default, so the timed steps follow a
+  step that already had the states). ``alloc_retries`` and ``ooms`` are the caching allocator's
+  ``num_alloc_retries`` and ``num_ooms``: a retry means it had to free its cache to satisfy an allocation,
+  so memory was nearly full and the step time includes that. An out-of-memory error is reported as
   ``{"fits": false, "oom": true}``; ``"fits": true`` only says that the steps ran.
 * CPU (``"method": "derived"``): 16 bytes per parameter of model states (fp32 parameter, gradient and two
   AdamW moments) plus the bytes autograd saves in the forward, counted by ``SavedTensorMeter`` in the
-  first step. Backward temporaries are not in this figure.
+  first warm-up step (on CUDA no meter runs: ``saved_bytes`` is null). Backward temporaries are not in
+  this figure.
 """
 from __future__ import annotations
 
@@ -79,7 +83,15 @@ def trial_batch(arch: str, seq: int, batch: int) -> dict:
     return next(lm_batches(ids, seq, batch, mlm=arch in MLM_ARCHS, tokenizer=tok, seed=0))
 
 
-def run_trial(spec: dict, batch: int, *, warmup: int = 1, steps: int = 1, device: str | None = None) -> dict:
+def allocator_counts(dev) -> dict:
+    """The CUDA caching allocator's ``num_alloc_retries`` and ``num_ooms`` on ``dev`` since the process began."""
+    import torch
+
+    stats = torch.cuda.memory_stats(dev)
+    return {"alloc_retries": stats.get("num_alloc_retries", 0), "ooms": stats.get("num_ooms", 0)}
+
+
+def run_trial(spec: dict, batch: int, *, warmup: int = 2, steps: int = 1, device: str | None = None) -> dict:
     """Train ``steps`` timed steps of ``spec`` at micro-batch ``batch`` after ``warmup`` steps; return the
     figures (see the module docstring). Raises ``torch.OutOfMemoryError`` when CUDA runs out of memory."""
     import torch
@@ -124,7 +136,7 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 1, steps: int = 1, device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    meter = SavedTensorMeter(model)
+    meter = None if dev.type == "cuda" else SavedTensorMeter(model)  # only the derived peak needs it
     step(meter)
     for _ in range(warmup - 1):
         step()
@@ -135,11 +147,11 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 1, steps: int = 1, device
         loss = step()  # .item() waits for the device
     step_s = (time.perf_counter() - start) / steps
     result = {"batch": batch, "fits": True, "oom": False, "device": str(dev), "params": params,
-              "saved_bytes": meter.total_bytes, "step_s": step_s, "tokens_per_s": batch * spec["seq"] / step_s,
-              "loss": loss}
+              "saved_bytes": None if meter is None else meter.total_bytes, "step_s": step_s,
+              "tokens_per_s": batch * spec["seq"] / step_s, "loss": loss}
     if dev.type == "cuda":
         result.update(method="measured", peak_bytes=torch.cuda.max_memory_allocated(dev),
-                      reserved_bytes=torch.cuda.max_memory_reserved(dev))
+                      reserved_bytes=torch.cuda.max_memory_reserved(dev), **allocator_counts(dev))
     else:
         result.update(method="derived", peak_bytes=MODEL_STATE_BYTES_PER_PARAM * params + meter.total_bytes)
     return result
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench.trial", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help=f"JSON object with keys {', '.join(SPEC_KEYS)}")
     parser.add_argument("--batch", type=int, required=True, help="micro-batch size")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2, at least 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps (default 1)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # torch.OutOfMemoryError, or a library's allocation failing inside CUDA
         if not isinstance(e, torch.OutOfMemoryError) and not any(m in str(e) for m in OOM_MESSAGES):
             raise
-        result = {"batch": args.batch, "fits": False, "oom": True, "method": "measured", "peak_bytes": None}
+        result = {"batch": args.batch, "fits": False, "oom": True, "method": "measured", "peak_bytes": None,
+                  **allocator_counts(torch.device(args.device or "cuda"))}
     print(json.dumps(result))
     return 0
 
