@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 
 from .. import presets
 
@@ -50,11 +51,13 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.layers < 0:
         raise ValueError(f"--layers={args.layers} must be >= 1, or 0 for the preset's depth")
+    start = time.monotonic()
     names = None if args.variants is None else [n.strip() for n in args.variants.split(",") if n.strip()]
     result = run_bench(args.arch, args.size, seq=args.seq, dtype=args.dtype, batch=args.batch,
                        layers=args.layers or None, steps=args.steps, reps=args.reps, lr=args.lr,
                        memory_budget_gb=args.memory_budget_gb, variants=names, seed=args.seed,
-                       progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+                       progress=lambda msg: print(f"[bench {time.monotonic() - start:5.0f} s] {msg}", file=sys.stderr,
+                                                  flush=True))
     result["command"] = _command(args)
     paths = write(result, args.out)
     print(markdown(result))
