@@ -168,3 +168,17 @@ def test_bad_arguments_exit_2_with_a_clear_message(args, message, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("tempo-ds bench: error: ") and message in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_gpu_search_is_reported_not_raised():
+    """The CUDA path's search runs each trial in a subprocess; one that fails (here: a size the preset lacks, which
+    only the trial process finds out) leaves a "failed" cell and the error instead of ending the bench. Run on the CPU device."""
+    from tempo_ds.bench.measure import measured_micro_batch
+    from tempo_ds.bench.report import _batch
+
+    spec = {"arch": "bert", "size": "medium", "seq": 16, "dtype": "fp32", "attn": "eager", "layers": 1,
+            "tempo": None}
+    result = measured_micro_batch(spec, 2**30, torch.device("cpu"))
+    assert result["batch"] is None and result["method"] == "measured" and result["error"]
+    assert _batch(result) == "failed (see bench.json)"
+    assert _batch({"batch": 12, "complete": False}) == ">= 12" and _batch({"batch": 1234}) == "1,234"

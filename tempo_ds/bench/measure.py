@@ -82,9 +82,24 @@ def gpu_spec(variant: Variant, *, arch: str, size: str, seq: int, dtype: str) ->
             "tempo": variant.tempo}
 
 
-def measured_micro_batch(spec: dict, budget_bytes: int) -> dict:
+GPU_MARGIN_BYTES = 2 * 2**30  # kept free of the budget on the card: this process's CUDA context and workspaces
+
+
+def gpu_budget(budget_bytes: int, device: torch.device) -> int:
+    """``budget_bytes``, but no more than the card holds minus GPU_MARGIN_BYTES (the trial processes share the
+    card with this one)."""
+    return min(budget_bytes, torch.cuda.get_device_properties(device).total_memory - GPU_MARGIN_BYTES)
+
+
+def measured_micro_batch(spec: dict, budget_bytes: int, device: torch.device) -> dict:
     """The largest micro-batch whose full training step fits ``budget_bytes`` on the GPU: binary search, one
-    subprocess per trial, peak of ``torch.cuda.max_memory_allocated`` (``tempo_ds.bench.max_batch``)."""
+    subprocess per trial, peak of ``torch.cuda.max_memory_allocated`` (``tempo_ds.bench.max_batch``). Trials run
+    with fp32 master weights under autocast; this process's cached blocks are released first. A failed search
+    is reported (``batch`` None, ``error``), not raised, so the other variants still run."""
     from .max_batch import largest_micro_batch
 
-    return largest_micro_batch(spec, budget_bytes)
+    torch.cuda.empty_cache()
+    try:
+        return largest_micro_batch(spec, budget_bytes, device=str(device))
+    except (RuntimeError, TimeoutError) as exc:
+        return {"batch": None, "method": "measured", "budget_bytes": budget_bytes, "error": str(exc)[-400:]}

@@ -31,7 +31,9 @@ def describe(result: dict) -> list[str]:
     else:
         lines.append(f"Max micro-batch: MEASURED on the GPU for the full {s['full_layers']}-layer model within "
                      f"{s['memory_budget_gb']:g} GiB (binary search, one subprocess per trial, full training step, "
-                     f"torch.cuda.max_memory_allocated).")
+                     f"torch.cuda.max_memory_allocated). Those trials keep fp32 master weights and run the "
+                     f"forward under {s['dtype']} autocast, as mixed-precision training does; the other columns "
+                     f"come from the model held in {s['dtype']}.")
     lines.append(f"Loss: mean of the last {s['loss_last_steps']} of {s['steps']} AdamW steps (lr {s['lr']:g}) on "
                  f"the embedded corpus, same initial weights, batches and dropout seed for every variant; "
                  f"delta relative to HF eager.")
@@ -49,11 +51,18 @@ def markdown(result: dict) -> str:
     for row in result["variants"]:
         m, mb, loss = row["memory"], row["max_micro_batch"], row["loss"]
         lines.append(f"| {row['label']} | {m['sbh_per_layer']:.2f} | {m['vs_baseline']:.3f} | "
-                     f"{row['time']['ratio']:.2f} | {mb['batch']:,} | {loss['final']:.4f} | "
+                     f"{row['time']['ratio']:.2f} | {_batch(mb)} | {loss['final']:.4f} | "
                      f"{100 * loss['delta_rel']:+.2f} % |")
     for skip in result["skipped"]:
         lines.append(f"\nNot applicable: {skip['label']}: {skip['reason']}.")
     return "\n".join(lines)
+
+
+def _batch(mb: dict) -> str:
+    """A micro-batch cell: the figure, ">= n" for a search stopped early, "failed" for a failed one."""
+    if mb["batch"] is None:
+        return "failed (see bench.json)"
+    return (">= " if mb.get("complete") is False else "") + f"{mb['batch']:,}"
 
 
 def plot(result: dict, path: str) -> None:
@@ -71,7 +80,7 @@ def plot(result: dict, path: str) -> None:
     fig, (ax_mem, ax_batch) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.42 * len(rows)), sharey=True)
     for ax, values, xlabel in (
             (ax_mem, [r["memory"]["sbh_per_layer"] for r in rows], "saved activations per layer (sbh)"),
-            (ax_batch, [r["max_micro_batch"]["batch"] for r in rows],
+            (ax_batch, [r["max_micro_batch"]["batch"] or 0 for r in rows],
              f"largest micro-batch in {s['memory_budget_gb']:g} GiB ({s['max_micro_batch_method']})")):
         bars = ax.barh(labels, values, color=colours)
         ax.bar_label(bars, labels=[f"{v:.1f}" if isinstance(v, float) else f"{v:,}" for v in values], padding=3,

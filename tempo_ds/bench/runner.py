@@ -110,7 +110,8 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
         if dev.type == "cuda":
             say(f"largest micro-batch (GPU binary search): {v.label}")
             spec = measure.gpu_spec(v, arch=arch, size=size, seq=seq, dtype=dtype)
-            rows[v.name]["max_micro_batch"] = measure.measured_micro_batch(spec, budget)
+            rows[v.name]["max_micro_batch"] = measure.measured_micro_batch(spec, measure.gpu_budget(budget, dev),
+                                                                           dev)
         else:
             rows[v.name]["max_micro_batch"] = measure.derived_micro_batch(prof, full_layers, params, budget)
 
@@ -129,7 +130,8 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
         row["time"]["ratio"] = row["time"]["best_s"] / base["time"]["best_s"]
         row["loss"]["delta_rel"] = (row["loss"]["final"] - base["loss"]["final"]) / base["loss"]["final"]
         row["max_micro_batch"]["vs_baseline"] = (row["max_micro_batch"]["batch"] / base["max_micro_batch"]["batch"]
-                                                 if base["max_micro_batch"]["batch"] else None)
+                                                 if base["max_micro_batch"]["batch"]
+                                                 and row["max_micro_batch"]["batch"] is not None else None)
     settings = {"arch": arch, "size": size, "seq": seq, "dtype": dtype, "batch": batch,
                 "layers": presets.dims(model.config)["layers"], "full_layers": full_layers, "params": params,
                 "steps": steps, "loss_last_steps": tail(steps), "reps": reps, "lr": lr, "seed": seed,
