@@ -567,7 +567,7 @@ def main(argv=None) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from tempo_ds.bench.trial import corpus_data
+    from tempo_ds.data import embedded_token_stream, load_tokenizer
     from tempo_ds.presets import DTYPES
 
     cfg = SMOKE if args.smoke else GPU
@@ -579,7 +579,8 @@ def main(argv=None) -> int:
         budget, source = int(total - args.margin_gb * GIB), f"card total {total / GIB:.2f} GiB - {args.margin_gb} GiB"
     else:
         budget, source = int(SMOKE_BUDGET_GIB * GIB), "smoke default"
-    tok, _ = corpus_data()  # tokenizer and corpus ids cached on disk here, not by the first trial
+    tok = load_tokenizer()
+    embedded_token_stream(tok)  # tokenizer and corpus ids cached on disk here, not by the first trial
     out = Path(args.out)
     notes: list[str] = []
     card = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"

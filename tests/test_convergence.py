@@ -24,7 +24,7 @@ def _setup(dropout: bool):
     import transformers
 
     from tempo_ds import presets
-    from tempo_ds.data import lm_batches, load_texts, load_tokenizer, token_stream
+    from tempo_ds.data import embedded_token_stream, lm_batches, load_tokenizer
 
     tok = load_tokenizer()
     cfg = presets.model_config("bert", "tiny", vocab_size=len(tok), max_seq=SEQ)
@@ -32,7 +32,7 @@ def _setup(dropout: bool):
         cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM(cfg).to(torch.bfloat16)
-    batches = list(islice(lm_batches(token_stream(load_texts(), tok), SEQ, BATCH, mlm=True, tokenizer=tok, seed=0),
+    batches = list(islice(lm_batches(embedded_token_stream(tok), SEQ, BATCH, mlm=True, tokenizer=tok, seed=0),
                           STEPS))
     return model, batches
 

@@ -284,6 +284,23 @@ def test_sample_batch_feeds_hf_models(trained):
 
 def test_public_names():
     assert set(data.__all__) == {
-        "DataError", "load_texts", "load_tokenizer", "token_stream", "lm_batches", "sample_batch"
+        "DataError", "load_texts", "load_tokenizer", "token_stream", "embedded_token_stream", "lm_batches",
+        "sample_batch"
     }
     assert batches.sample_batch is sample_batch
+
+
+def test_embedded_token_stream_is_cached_on_disk(tmp_path, monkeypatch):
+    import torch
+
+    from tempo_ds.data import embedded_token_stream, load_texts, load_tokenizer, token_stream
+
+    tok = load_tokenizer()
+    monkeypatch.setenv("TEMPO_DS_CACHE", str(tmp_path))
+    first = embedded_token_stream(tok)
+    assert torch.equal(first, token_stream(load_texts(), tok))
+    files = list(tmp_path.glob("corpus-ids-*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert embedded_token_stream(tok) is first  # kept while the tokenizer lives
+    again = load_tokenizer()  # another object: read back from the disk cache
+    assert torch.equal(embedded_token_stream(again), first)

@@ -56,7 +56,7 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
     meter on CPU) and the loss after ``steps`` AdamW steps on the embedded corpus. The model is built with
     ``layers`` layers (None: the preset's depth); the micro-batch is always for the full-depth preset.
     Bad arguments raise ValueError before any model is built."""
-    from ..data import lm_batches, load_texts, load_tokenizer, token_stream
+    from ..data import embedded_token_stream, lm_batches, load_tokenizer
 
     say = progress or (lambda msg: None)
     chosen = select(variants)
@@ -72,7 +72,7 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
     mlm = arch in presets.MLM_ARCHS
     tok = load_tokenizer()
     presets.model_config(arch, size, vocab_size=len(tok), max_seq=seq, layers=layers)  # arch, size, layers
-    ids = token_stream(load_texts(), tok)
+    ids = embedded_token_stream(tok)
     if (seq - 1 if mlm else seq) > ids.numel():
         raise ValueError(f"seq={seq} is too long: the embedded corpus has {ids.numel():,} tokens")
     params, full_layers = _full_params(arch, size, len(tok), seq)

@@ -25,12 +25,9 @@ Peak memory:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 SPEC_KEYS = ("arch", "size", "seq", "dtype", "attn", "layers", "tempo")
 MODEL_STATE_BYTES_PER_PARAM = 16
@@ -52,35 +49,11 @@ def check_spec(spec: dict) -> dict:
     return spec
 
 
-@functools.lru_cache(maxsize=1)
-def corpus_data():
-    """The embedded corpus' tokenizer and token ids. Tokenizing the corpus takes seconds, which every trial
-    process would pay again, so the ids are cached on disk next to the cached tokenizer."""
-    import torch
-
-    from tempo_ds.data import load_texts, load_tokenizer, token_stream
-    from tempo_ds.data.tokenizer import cache_root
-
-    tok = load_tokenizer()
-    path = cache_root() / f"corpus-ids-{Path(tok.name_or_path).name}.pt"
-    if path.is_file():
-        return tok, torch.load(path)
-    ids = token_stream(load_texts(), tok)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)  # atomic: concurrent trials never read half a file
-    return tok, ids
-
-
 def trial_batch(arch: str, seq: int, batch: int) -> dict:
-    """The batch ``tempo_ds.data.sample_batch(arch, tokenizer, seq, batch, seed=0)`` returns, from the cached
-    corpus ids."""
-    from tempo_ds.data import lm_batches
-    from tempo_ds.presets import MLM_ARCHS
+    """``tempo_ds.data.sample_batch(arch, tokenizer, seq, batch, seed=0)`` with the embedded corpus' tokenizer."""
+    from tempo_ds.data import load_tokenizer, sample_batch
 
-    tok, ids = corpus_data()
-    return next(lm_batches(ids, seq, batch, mlm=arch in MLM_ARCHS, tokenizer=tok, seed=0))
+    return sample_batch(arch, load_tokenizer(), seq, batch, seed=0)
 
 
 def allocator_counts(dev) -> dict:
@@ -97,6 +70,7 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 2, steps: int = 1, device
     import torch
 
     from tempo_ds import presets
+    from tempo_ds.data import load_tokenizer
     from tempo_ds.inject import inject
     from tempo_ds.memory import SavedTensorMeter
 
@@ -108,7 +82,7 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 2, steps: int = 1, device
     if spec["dtype"] not in presets.DTYPES:
         raise ValueError(f"spec: dtype={spec['dtype']!r} is not supported; allowed values: {', '.join(presets.DTYPES)}")
     amp_dtype = None if spec["dtype"] == "fp32" else presets.DTYPES[spec["dtype"]]
-    tok, _ = corpus_data()
+    tok = load_tokenizer()
     with dev:  # weights are initialised where they train
         model = presets.build_model(spec["arch"], spec["size"], dtype="fp32", vocab_size=len(tok),
                                     max_seq=spec["seq"], attn=spec["attn"], layers=spec["layers"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from .corpus import load_texts
+from .corpus import EMBEDDED_CORPUS, load_texts
 
 ARCH_IS_MLM = {"bert": True, "roberta": True, "gpt2": False, "llama": False}
 _EMBEDDED_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids
@@ -114,12 +116,33 @@ def sample_batch(
 ) -> dict[str, torch.Tensor]:
     """One batch from the embedded corpus: MLM for bert/roberta, causal LM for gpt2/llama.
 
-    The corpus token stream is computed once per tokenizer object and kept while it lives.
+    The corpus token stream comes from :func:`embedded_token_stream` (cached).
     """
     if arch not in ARCH_IS_MLM:
         raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCH_IS_MLM))}")
-    ids = _EMBEDDED_STREAMS.get(tokenizer)
-    if ids is None:
-        ids = _EMBEDDED_STREAMS[tokenizer] = token_stream(load_texts(), tokenizer)
+    ids = embedded_token_stream(tokenizer)
     mlm = ARCH_IS_MLM[arch]
     return next(lm_batches(ids, seq_len, batch_size, mlm=mlm, tokenizer=tokenizer, seed=seed))
+
+
+def embedded_token_stream(tokenizer) -> torch.LongTensor:
+    """``token_stream(load_texts(), tokenizer)`` of the embedded corpus, which takes seconds: kept while the
+    tokenizer object lives, and cached on disk under ``cache_root()`` keyed by the corpus and the tokenizer's
+    serialised form (written atomically, so processes starting together never read half a file)."""
+    ids = _EMBEDDED_STREAMS.get(tokenizer)
+    if ids is not None:
+        return ids
+    from .tokenizer import cache_root
+
+    key = hashlib.sha256(EMBEDDED_CORPUS.read_bytes() + tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    path = cache_root() / f"corpus-ids-{key[:16]}.pt"
+    if path.is_file():
+        ids = torch.load(path)
+    else:
+        ids = token_stream(load_texts(), tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(ids, tmp)
+        os.replace(tmp, path)
+    _EMBEDDED_STREAMS[tokenizer] = ids
+    return ids

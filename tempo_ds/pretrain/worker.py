@@ -81,7 +81,7 @@ class Run:
 
         import tempo_ds
         from tempo_ds import presets
-        from tempo_ds.data import lm_batches, load_texts, load_tokenizer, token_stream
+        from tempo_ds.data import embedded_token_stream, lm_batches, load_texts, load_tokenizer, token_stream
         from tempo_ds.deepspeed_integration import deepspeed_activation_checkpointing
 
         from . import options
@@ -105,7 +105,7 @@ class Run:
         self.stage = self.config.get("zero_optimization", {}).get("stage", 0)
 
         tok = load_tokenizer(args.tokenizer)
-        ids = token_stream(load_texts(args.data), tok)
+        ids = embedded_token_stream(tok) if args.data is None else token_stream(load_texts(args.data), tok)
         model = presets.build_model(args.arch, args.size, seed=args.seed, vocab_size=len(tok),
                                     max_seq=max(args.seq_len, 64), layers=args.layers,
                                     zero3_config=self.config if self.stage == 3 else None)
