@@ -128,6 +128,7 @@ class Run:
         self.saved_step = None
         self.checkpoint = None
         self.layer_bytes_in_run = None
+        self.first_step, self.timed_steps, self.tokens_per_s = 0, 0, None
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -163,7 +164,7 @@ class Run:
         from tempo_ds.memory import SavedTensorMeter
 
         total = torch.zeros((), device=self.engine.device)
-        for micro in range(self.accum):
+        for _ in range(self.accum):
             batch = {k: v.to(self.engine.device) for k, v in next(self.data).items()}
             if self.layer_bytes_in_run is None:
                 with SavedTensorMeter(self.engine.module) as meter:
@@ -188,8 +189,7 @@ class Run:
         bar = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not rank0 or args.no_progress or not sys.stderr.isatty())
         self.first_step = first_step = self.step
-        started, timed_steps = None, 0
-        interrupted = False
+        started, interrupted = None, False
         while self.step < args.steps:
             t0 = time.perf_counter()
             loss, interrupted = self.train_step(stop)
@@ -198,9 +198,9 @@ class Run:
             if self.step == first_step + 1:
                 started = time.perf_counter()  # the first step (warm-up, allocation) is not timed
             else:
-                timed_steps += 1
-            self.tokens_per_s = self.tokens_per_step * timed_steps / (time.perf_counter() - started) \
-                if timed_steps else self.tokens_per_step / (time.perf_counter() - t0)
+                self.timed_steps += 1
+            self.tokens_per_s = self.tokens_per_step * self.timed_steps / (time.perf_counter() - started) \
+                if self.timed_steps else self.tokens_per_step / (time.perf_counter() - t0)
             lr = self.engine.get_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -220,7 +220,6 @@ class Run:
         bar.close()
         if self.saved_step != self.step:
             self.save()
-        self.timed = timed_steps
         return interrupted
 
     def summary(self, interrupted: bool):
@@ -238,7 +237,7 @@ class Run:
                f"ZeRO-{self.stage}, micro-batch {self.micro} x {a.seq_len} tokens"
                + (f" x {self.accum} accumulation" if self.accum > 1 else ""))
         return Summary(run, self.report is not None, [self.first_step + 1, self.step],
-                       self.losses, self.tokens_per_s if self.timed else None, memory, _peak_memory(),
+                       self.losses, self.tokens_per_s if self.timed_steps else None, memory, _peak_memory(),
                        self.checkpoint, _monitor_paths(self.config), interrupted)
 
     def write_report(self, report_dir: str) -> None:
