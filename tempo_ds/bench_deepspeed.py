@@ -34,18 +34,10 @@ def _bench_ds_config(stage: int, micro_batch: int) -> dict:
 
 
 def _bench_model(stage: int, ds_config: dict, seq: int, layers: int | None, seed: int):
-    import torch._dynamo  # noqa: F401  (torch 2.13 + DeepSpeed 0.19.8: import before zero.Init)
-    import transformers
-    from transformers.integrations import HfDeepSpeedConfig
+    from .presets import build_model
 
-    from .presets import model_config
-
-    cfg = model_config("bert", "base", vocab_size=8192, max_seq=seq, layers=layers)
-    torch.manual_seed(seed)
-    if stage == 3:  # built under zero.Init, as transformers does while an HfDeepSpeedConfig is alive
-        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (held until construction is over)
-        return transformers.BertForMaskedLM._from_config(cfg)
-    return transformers.BertForMaskedLM(cfg)
+    return build_model("bert", "base", seed=seed, vocab_size=8192, max_seq=seq, layers=layers,
+                       zero3_config=ds_config if stage == 3 else None)
 
 
 def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int | None, seed: int) -> dict:
