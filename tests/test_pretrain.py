@@ -151,6 +151,10 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _summary(tmp_path)["steps"] == [s["steps"][1] + 1, s["steps"][1] + 2]
 
+    other = pretrain(*TINY, "--seq_len", 16, "--steps", 100, "--resume", "--out", tmp_path)
+    assert other.returncode == 2, other.stdout[-2000:] + other.stderr[-2000:]
+    assert "the checkpoint belongs to a different run; seq_len: checkpoint 32, now 16" in other.stderr
+
     fresh = pretrain(*TINY, "--steps", 2, "--out", tmp_path)  # a new run would mix with the old one
     assert fresh.returncode == 2 and "holds a run" in fresh.stderr and "--overwrite" in fresh.stderr
     over = pretrain(*TINY, "--steps", 2, "--overwrite", "--out", tmp_path)
@@ -159,10 +163,17 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert len(_csv(tmp_path / "monitor" / "pretrain" / "Train_loss.csv")) == 3  # header + 2 steps
 
 
-def test_config_file_gpt2_zero3_tensorboard(tmp_path):
+def test_config_file_gpt2_zero3_tensorboard_own_data(tmp_path):
     """Causal LM from a user's DeepSpeed config: ZeRO-3 (model built under zero.Init), a "tempo" section,
-    the tensorboard monitor, gradient accumulation, an own lr."""
+    the tensorboard monitor, gradient accumulation, an own lr; the user's text and tokenizer folder."""
     pytest.importorskip("tensorboard")
+    from tempo_ds.data import load_tokenizer
+
+    load_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "text").mkdir()
+    for i in range(3):
+        (tmp_path / "text" / f"doc{i}.txt").write_text(
+            "\n\n".join(f"Paragraph {j} of document {i}: the quick brown fox jumps over the lazy dog." for j in range(40)))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
@@ -171,6 +182,7 @@ def test_config_file_gpt2_zero3_tensorboard(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     run = pretrain("--deepspeed_config", path, "--arch", "gpt2", "--seq_len", 32, "--steps", 6, "--no_progress",
+                   "--data", tmp_path / "text", "--tokenizer", tmp_path / "tok",
                    "--out", tmp_path / "run", "--report_dir", tmp_path / "report")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "gpt2-tiny causal LM, 2 ranks (cpu), fp32, ZeRO-3, micro-batch 2 x 32 tokens x 2 accumulation" \
