@@ -182,3 +182,25 @@ def test_a_failed_gpu_search_is_reported_not_raised():
     assert result["batch"] is None and result["method"] == "measured" and result["error"]
     assert _batch(result) == "failed (see bench.json)"
     assert _batch({"batch": 12, "complete": False}) == ">= 12" and _batch({"batch": 1234}) == "1,234"
+
+
+def test_training_uses_the_variants_attention_implementation(monkeypatch):
+    """HF sdpa's loss column is trained with sdpa attention (one SDPA call per layer and step), eager's with
+    none; the model passed in keeps eager. (On the CPU the two draw identical dropout masks: same losses.)"""
+    import torch.nn.functional as F
+
+    from tempo_ds.bench.training import train
+    from tempo_ds.data import load_tokenizer, sample_batch
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    tok = load_tokenizer()
+    batches = [sample_batch("bert", tok, SEQ, BATCH, seed=s) for s in range(2)]
+    model = presets.build_model("bert", "tiny", vocab_size=len(tok), max_seq=SEQ)
+    eager = train(model, batches, 2, lr=1e-3)
+    assert calls == []
+    with_sdpa = train(model, batches, 2, attn="sdpa", lr=1e-3)
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "eager"
+    assert with_sdpa == pytest.approx(eager, rel=1e-3)

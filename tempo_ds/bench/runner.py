@@ -119,7 +119,7 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
     times = measure.step_times(model, run, first, reps=reps, seed=seed)
     for v in run:
         say(f"training {steps} steps: {v.label}")
-        losses = train(model, batches, steps, tempo=v.tempo, lr=lr, seed=seed)
+        losses = train(model, batches, steps, tempo=v.tempo, attn=v.attn, lr=lr, seed=seed)
         rows[v.name]["time"] = {"times_s": times[v.name], "best_s": min(times[v.name]),
                                 "median_s": statistics.median(times[v.name])}
         rows[v.name]["loss"] = {"losses": losses, "final": final_loss(losses)}

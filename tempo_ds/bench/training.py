@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from ..inject import inject
 
 
-def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, lr: float = 1e-4,
-          seed: int = 0) -> list[float]:
+def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, attn: str | None = None,
+          lr: float = 1e-4, seed: int = 0) -> list[float]:
     """Per-step losses of ``steps`` AdamW steps on ``batches[:steps]``, trained on a copy of ``model`` (which
-    stays untouched) with ``tempo`` (a TempoConfig dict) injected into the copy, or none.
+    stays untouched) with ``tempo`` (a TempoConfig dict) injected into the copy, or none, and with the
+    transformers attention implementation ``attn`` (default: the model's).
 
     A 16-bit model trains as mixed-precision frameworks do: 16-bit weights and gradients, an fp32 master copy
     of the weights that AdamW updates and that is copied back after each step; fp16 adds a dynamic loss scale
@@ -23,6 +24,8 @@ def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, 
         raise ValueError(f"steps={steps} must be between 1 and the {len(batches)} batches given")
     model = copy.deepcopy(model)
     model.train()
+    if attn is not None and attn != model.config._attn_implementation:
+        model.set_attn_implementation(attn)
     if tempo is not None:
         inject(model, tempo)
     params = [p for p in model.parameters() if p.requires_grad]
