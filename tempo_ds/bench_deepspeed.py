@@ -143,18 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if "LOCAL_RANK" in os.environ:
         return _bench_worker(opts)
+    from .pretrain.spawn import free_port
+
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(opts.ranks),
-           "--master_port", str(_free_port()), "--module", "tempo_ds.bench_deepspeed", *argv]
+           "--master_port", str(free_port()), "--module", "tempo_ds.bench_deepspeed", *argv]
     return subprocess.call(cmd)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

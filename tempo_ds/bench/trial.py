@@ -29,8 +29,9 @@ import json
 import sys
 import time
 
+from .measure import STATE_BYTES_PER_PARAM as MODEL_STATE_BYTES_PER_PARAM
+
 SPEC_KEYS = ("arch", "size", "seq", "dtype", "attn", "layers", "tempo")
-MODEL_STATE_BYTES_PER_PARAM = 16
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 

@@ -1,7 +1,8 @@
 """Checkpoints that are complete or absent: a run folder never holds a half-written checkpoint that ``latest``
 points to.
 
-Each save goes to a hidden tag ``.partial-step<N>``; once every rank has written its files, the tag folder is
+The checkpoint folder must be on a file system every node sees (DeepSpeed's rank-0 model file is read by
+all ranks), unless DeepSpeed's ``checkpoint.use_node_local_storage`` is set. Each save goes to a hidden tag ``.partial-step<N>``; once every rank has written its files, the tag folder is
 renamed to ``step<N>`` and ``latest`` is replaced atomically (a temporary file, then ``os.replace``). A save
 interrupted at any moment leaves ``latest`` on the previous complete checkpoint and, at worst, a
 ``.partial-*`` folder that the next save removes and that resuming never reads.
@@ -16,6 +17,7 @@ LATEST = "latest"
 
 
 def tag(step: int) -> str:
+    """The name of step ``step``'s checkpoint folder."""
     return f"step{step}"
 
 
@@ -48,6 +50,7 @@ def _write_latest(save_dir: str, name: str) -> None:
 
 
 def remove_partials(save_dir: str) -> None:
+    """Remove what interrupted saves left behind (never read by ``latest``/``load``)."""
     if os.path.isdir(save_dir):
         for d in os.listdir(save_dir):
             if d.startswith(PARTIAL):
@@ -61,7 +64,9 @@ def save(engine, save_dir: str, step: int, client_state: dict, keep: int) -> str
 
     from ..deepspeed_integration import save_checkpoint
 
-    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    from .spawn import local_rank as _local_rank
+
+    rank, local_rank = dist.get_rank(), _local_rank()
     partial, final = PARTIAL + tag(step), tag(step)
     if local_rank == 0:
         os.makedirs(save_dir, exist_ok=True)
@@ -73,7 +78,7 @@ def save(engine, save_dir: str, step: int, client_state: dict, keep: int) -> str
     for turn in (True, False):
         if (rank == 0) == turn and local_rank == 0 and os.path.isdir(os.path.join(save_dir, partial)):
             target = os.path.join(save_dir, final)
-            if os.path.isdir(target):  # the same step saved again (e.g. the end of a resumed, finished run)
+            if os.path.isdir(target):  # a step saved again after a crash between the rename and `latest`
                 shutil.rmtree(target)
             os.replace(os.path.join(save_dir, partial), target)
             _write_latest(save_dir, final)

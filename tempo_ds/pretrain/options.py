@@ -42,42 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tempo-ds pretrain",
         description="Pretrain a preset model (MLM for BERT/RoBERTa, causal LM for GPT-2/Llama) with DeepSpeed and "
         "tempo_ds on real text. Without arguments: a small BERT on the embedded corpus, 2 ranks, a few minutes. "
-        "Started by hand it launches --nproc ranks itself; under deepspeed, torchrun, mpirun or srun it is one rank.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "Started by hand it launches --nproc ranks itself; under deepspeed, torchrun, mpirun or launch/slurm.sbatch "
+        "it is one rank.")
     g = p.add_argument_group("model and data")
     g.add_argument("--arch", "--model", dest="arch", choices=presets.ARCHS, default=None,
                    help=f"preset architecture (default {DEFAULTS['arch']}, or the config's folder: configs/<arch>-<size>/)")
     g.add_argument("--size", choices=presets.SIZES, default=None, help=f"preset size (default {DEFAULTS['size']})")
     g.add_argument("--layers", type=int, default=None, help="override the preset's depth")
-    g.add_argument("--seq_len", "--seq", dest="seq_len", type=int, default=DEFAULTS["seq_len"], help="tokens per row")
+    g.add_argument("--seq_len", "--seq", dest="seq_len", type=int, default=DEFAULTS["seq_len"], help=f"tokens per row (default {DEFAULTS['seq_len']})")
     g.add_argument("--micro_batch", type=int, default=None,
                    help="rows per rank and step (default: the config's train_micro_batch_size_per_gpu)")
     g.add_argument("--data", default=None, help="a .txt/.txt.gz file, a folder of them, or a datasets save_to_disk "
                    "folder (default: the embedded Shakespeare corpus)")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: BPE trained on "
                    "the embedded corpus)")
-    g.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    g.add_argument("--seed", type=int, default=0, help="model initialisation and data order (default 0)")
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps in all (a resumed run "
-                   "continues to this count)")
+    t.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps in all (default "
+                   f"{DEFAULTS['steps']}; a resumed run continues to this count)")
     t.add_argument("--out", default="tempo-ds-out", help="run folder: checkpoints/, monitor/ (csv_monitor), "
-                   "summary.json")
-    t.add_argument("--save_interval", type=int, default=100, help="checkpoint every N steps (0: only at the end "
-                   "and on Ctrl-C)")
-    t.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (older ones are removed)")
+                   "summary.json (default tempo-ds-out)")
+    t.add_argument("--save_interval", type=int, default=100, help="checkpoint every N steps (default 100; 0: only at "
+                   "the end and on Ctrl-C)")
+    t.add_argument("--keep", type=int, default=2, help="complete checkpoints kept, older ones are removed "
+                   "(default 2)")
     t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in "
                    "OUT/checkpoints (model, optimizer, scheduler, RNG and data position)")
     t.add_argument("--overwrite", action="store_true", help="start over in an --out folder that holds a run: its "
                    "checkpoints, monitor/ and summary.json are removed first")
-    t.add_argument("--log_interval", type=int, default=25, help="a log line (and monitor events) every N steps")
+    t.add_argument("--log_interval", type=int, default=25, help="a log line and monitor events every N steps "
+                   "(default 25)")
     t.add_argument("--no_tempo", action="store_true", help="train the untouched model (the config's \"tempo\" "
-                   "section and --tempo_* options are ignored)")
-    t.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only; also the case when stderr is not a terminal)")
+                   "section is ignored; --tempo_* options and the DeepSpeedExamples aliases conflict with it)")
+    t.add_argument("--no_progress", action="store_true", help="no progress bar, log lines only (also the case when "
+                   "stderr is not a terminal)")
     r = p.add_argument_group("processes")
     r.add_argument("--nproc", type=int, default=None, help="ranks to start when not under a launcher (default: "
                    "the number of GPUs, else 2)")
-    r.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU (ranks sharing cores "
-                   "spin otherwise)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU (default 1: ranks "
+                   "sharing cores spin otherwise)")
     r.add_argument("--report_dir", default=None, help="each rank writes DIR/rank<N>.json: losses, replaced modules")
     r.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # inserted by `deepspeed`
     tempo_ds.add_config_arguments(p)
@@ -122,7 +125,10 @@ def check(args) -> None:
     from ..deepspeed_integration import resolve_config
 
     if args.no_tempo:
-        asked = [flag for flag, value in vars(args).items() if flag.startswith("tempo") and value not in (None, False)]
+        from ..deepspeed_integration import DEEPSPEED_EXAMPLES_FLAGS
+
+        asked = [flag for flag, value in vars(args).items() if value not in (None, False)
+                 and (flag.startswith("tempo") or flag in DEEPSPEED_EXAMPLES_FLAGS)]
         if asked:
             raise ValueError(f"--no_tempo conflicts with --{', --'.join(asked)}")
     else:
@@ -167,6 +173,7 @@ def _check_deepspeed(config: dict) -> None:
 
 
 def checkpoint_dir(args) -> str:
+    """OUT/checkpoints: where the run's DeepSpeed checkpoints and ``latest`` live."""
     return os.path.join(args.out, "checkpoints")
 
 
@@ -182,7 +189,7 @@ def clear_run(args) -> None:
 
 
 def ds_config(args) -> dict:
-    """The DeepSpeed config of this run: --deepspeed_config (JSON/HJSON) or the embedded one, with the micro batch
+    """The DeepSpeed config of this run: --deepspeed_config (a JSON file) or the embedded one, with the micro batch
     override, train_batch_size dropped (derived from micro batch x accumulation x ranks) and, for the embedded
     one, the scheduler's length and the monitor's folder filled in."""
     if args.deepspeed_config:

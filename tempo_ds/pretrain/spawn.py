@@ -21,16 +21,24 @@ GRACE_S = 60.0
 
 
 def under_launcher() -> bool:
+    """Whether a launcher started this process as one rank (its variables are set)."""
     return any(v in os.environ for v in LAUNCHER_VARS)
 
 
+def local_rank() -> int:
+    """This rank's index on its node, as launchers set it (0 when unset)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def default_nproc() -> int:
+    """Ranks to start here: one per GPU, else 2."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,7 +46,7 @@ def _free_port() -> int:
 
 def launch(argv: list[str], nproc: int) -> int:
     """Run ``nproc`` ranks with ``argv`` and wait; the first non-zero exit status of a rank, else 0."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),

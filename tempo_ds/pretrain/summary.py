@@ -23,6 +23,7 @@ class LayerMemory:
     tokens_x_hidden: int  # seq x micro-batch x hidden: the unit of "sbh"
 
     def sbh(self, nbytes: int | None) -> float | None:
+        """``nbytes`` in units of seq x micro-batch x hidden."""
         return None if nbytes is None else nbytes / self.tokens_x_hidden
 
 
@@ -48,16 +49,20 @@ class Summary:
     checkpoint: str | None
     monitor: list[str] = field(default_factory=list)
     interrupted: bool = False
+    peak_kind: str = "max_memory_allocated"  # on CPU: the process's resident set size as DeepSpeed samples it
 
     def loss_start(self) -> float:
+        """Mean loss of the first WINDOW steps of the run (a resumed run's earlier steps included)."""
         head = self.losses[:WINDOW]
         return sum(head) / len(head)
 
     def loss_end(self) -> float:
+        """Mean loss of the last WINDOW steps."""
         tail = self.losses[-WINDOW:]
         return sum(tail) / len(tail)
 
     def text(self) -> str:
+        """The summary printed at the end of the run."""
         m = self.memory
         ratio = m.with_tempo / m.without_tempo if m.without_tempo else float("nan")
         state = "on" if self.tempo_enabled else "off in this run; its defaults measured"
@@ -76,7 +81,7 @@ class Summary:
         if m.in_run is not None:
             lines.append(f"    this run         {m.in_run / MIB:10.2f} MiB  {m.sbh(m.in_run):6.2f} sbh  "
                          "(metered in its first step)")
-        lines.append(f"  peak memory    {self.peak_memory_bytes / MIB:,.0f} MiB (rank 0)")
+        lines.append(f"  peak memory    {self.peak_memory_bytes / MIB:,.0f} MiB (rank 0; {self.peak_kind})")
         if self.checkpoint:
             lines.append(f"  checkpoint     {self.checkpoint}")
         for path in self.monitor:
@@ -84,6 +89,7 @@ class Summary:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """Every field plus the derived losses and sbh figures, for summary.json."""
         out = asdict(self)
         out.update(loss_start=self.loss_start(), loss_end=self.loss_end(),
                    sbh_without_tempo=self.memory.sbh(self.memory.without_tempo),
@@ -91,6 +97,7 @@ class Summary:
         return out
 
     def write(self, path: str) -> None:
+        """Write :meth:`to_dict` as JSON to ``path`` atomically."""
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

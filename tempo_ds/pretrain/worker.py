@@ -19,20 +19,26 @@ import warnings
 
 import torch
 
+from .spawn import local_rank
+
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 INTERRUPTED = 130
 
 
 class StopRequest:
-    """Remembers a SIGINT/SIGTERM instead of raising in the middle of a step (or of a collective)."""
+    """Remembers a SIGINT/SIGTERM instead of raising in the middle of a step (or of a collective) while
+    installed; ``restore()`` puts the previous handlers back."""
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     @property
     def requested(self) -> bool:
@@ -87,17 +93,17 @@ class Run:
         from . import options
 
         self.args = args
-        if args.threads and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             torch.set_num_threads(args.threads)
         mpi_ranks_with_given_master()
         deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_rank())
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if args.overwrite:
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            if local_rank() == 0:
                 options.clear_run(args)
             dist.barrier()
         self.config = options.ds_config(args)
@@ -128,16 +134,19 @@ class Run:
         self.saved_step = None
         self.checkpoint = None
         self.layer_bytes_in_run = None
-        self.first_step, self.timed_steps, self.tokens_per_s = 0, 0, None
+        self.first_step, self.timed_steps, self.tokens_per_s, self.save_s = 0, 0, None, 0.0
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _identity(self) -> dict:
         """What the data order and the model depend on: a checkpoint resumes only a run with the same."""
         a = self.args
+        path = lambda p: None if p is None else os.path.abspath(p)  # noqa: E731
         return {"arch": a.arch, "size": a.size, "layers": a.layers, "seq_len": a.seq_len, "seed": a.seed,
-                "rows_per_step": self.micro * self.accum * self.world, "data": a.data}
+                "rows_per_step": self.micro * self.accum * self.world, "data": path(a.data),
+                "tokenizer": path(a.tokenizer)}
 
     def resume(self) -> None:
+        """Load the latest complete checkpoint and move the data to where it stopped."""
         from . import checkpoints
 
         client = checkpoints.load(self.engine, self.save_dir)
@@ -152,11 +161,14 @@ class Run:
             next(self.data)
 
     def save(self) -> None:
+        """A checkpoint of this step (collective); its time is left out of tokens/s."""
         from . import checkpoints
 
+        start = time.perf_counter()
         client = {"step": self.step, "losses": self.losses, "identity": self._identity()}
         self.checkpoint = checkpoints.save(self.engine, self.save_dir, self.step, client, self.args.keep)
         self.saved_step = self.step
+        self.save_s += time.perf_counter() - start
 
     # -- training ------------------------------------------------------------------------------------------
     def train_step(self, stop: StopRequest) -> tuple[float, bool]:
@@ -197,10 +209,12 @@ class Run:
             self.losses.append(loss)
             if self.step == first_step + 1:
                 started = time.perf_counter()  # the first step (warm-up, allocation) is not timed
+                self.save_s = 0.0
             else:
                 self.timed_steps += 1
-            self.tokens_per_s = self.tokens_per_step * self.timed_steps / (time.perf_counter() - started) \
-                if self.timed_steps else self.tokens_per_step / (time.perf_counter() - t0)
+            timed_s = time.perf_counter() - started - self.save_s
+            self.tokens_per_s = self.tokens_per_step * self.timed_steps / timed_s if self.timed_steps \
+                else self.tokens_per_step / (time.perf_counter() - t0)
             lr = self.engine.get_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -220,14 +234,17 @@ class Run:
         bar.close()
         if self.saved_step != self.step:
             self.save()
+        stop.restore()  # from here on Ctrl-C interrupts as usual
         return interrupted
 
     def summary(self, interrupted: bool):
+        """The end-of-run :class:`Summary` (rank 0; meters a 2-layer copy of the preset on the run's device)."""
         from .summary import Summary, layer_memory
 
         from tempo_ds.config import TempoConfig
 
         a = self.args
+        peak = _peak_memory()  # before the 2-layer copy below adds its own
         tempo = self.report.config.model_dump() if self.report else TempoConfig().model_dump()
         memory = layer_memory(a.arch, a.size, seq=a.seq_len, batch=self.micro, dtype=self.dtype,
                               device=self.engine.device, tempo=tempo, tokenizer=a.tokenizer, seed=a.seed)
@@ -237,14 +254,15 @@ class Run:
                f"ZeRO-{self.stage}, micro-batch {self.micro} x {a.seq_len} tokens"
                + (f" x {self.accum} accumulation" if self.accum > 1 else ""))
         return Summary(run, self.report is not None, [self.first_step + 1, self.step],
-                       self.losses, self.tokens_per_s if self.timed_steps else None, memory, _peak_memory(),
-                       self.checkpoint, _monitor_paths(self.config), interrupted)
+                       self.losses, self.tokens_per_s if self.timed_steps else None, memory, peak,
+                       self.checkpoint, _monitor_paths(self.config), interrupted,
+                       "max_memory_allocated" if self.engine.device.type == "cuda" else "resident set size")
 
     def write_report(self, report_dir: str) -> None:
         """DIR/rank<N>.json: ranks, losses and the modules tempo_ds replaced (what the launcher tests compare)."""
         os.makedirs(report_dir, exist_ok=True)
         r = self.report
-        out = {"rank": self.rank, "world_size": self.world, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        out = {"rank": self.rank, "world_size": self.world, "local_rank": local_rank(),
                "master_addr": os.environ.get("MASTER_ADDR"), "host": socket.gethostname(), "pid": os.getpid(),
                "model": f"{self.args.arch}-{self.args.size}", "dtype": self.dtype, "zero_stage": self.stage,
                "tempo": r.config.techniques() if r else None,
@@ -264,15 +282,17 @@ def run(args) -> int:
             print(f"tempo-ds pretrain: the checkpoint is at step {job.step}, --steps is {args.steps}: nothing to do")
         return 0
     interrupted = job.fit()
-    if args.report_dir:
-        job.write_report(args.report_dir)
-    if job.rank == 0:
-        summary = job.summary(interrupted)
-        summary.write(os.path.join(args.out, "summary.json"))
-        print(summary.text(), flush=True)
-        if interrupted:
-            print(f"interrupted at step {job.step}: resume with the same arguments and --resume", flush=True)
-    job.dist.barrier()
+    try:
+        if args.report_dir:
+            job.write_report(args.report_dir)
+        if job.rank == 0:
+            summary = job.summary(interrupted)
+            summary.write(os.path.join(args.out, "summary.json"))
+            print(summary.text(), flush=True)
+            if interrupted:
+                print(f"interrupted at step {job.step}: resume with the same arguments and --resume", flush=True)
+    finally:  # the other ranks wait here for rank 0's summary, also when it fails
+        job.dist.barrier()
     return INTERRUPTED if interrupted else 0
 
 
