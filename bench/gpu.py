@@ -71,6 +71,7 @@ INSTALL_HINT = ("the repository's kernels/ folder becomes tempo_ds.kernels only 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The script's options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out-gpu",
                    help="output folder for gpu.json and gpu.md (default: $OUT, else ./bench-out-gpu)")
@@ -545,6 +546,7 @@ def _version(package: str) -> str:
 
 
 def main(argv=None) -> int:
+    """Run the phases within --budget_s and write gpu.json and gpu.md; 2 when the kernels cannot be imported."""
     args = parse_args(argv)
     started = time.monotonic()
     deadline = started + args.budget_s

@@ -61,6 +61,7 @@ def step_times(model, variants: list[Variant], batch: dict, *, reps: int = 3, se
 
 
 def model_state_bytes(params: int) -> int:
+    """Bytes of weights, gradients and AdamW state for ``params`` parameters (STATE_BYTES_PER_PARAM each)."""
     return STATE_BYTES_PER_PARAM * params
 
 

@@ -133,6 +133,7 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 2, steps: int = 1, device
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The trial process: run one trial and print its figures as one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench.trial", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help=f"JSON object with keys {', '.join(SPEC_KEYS)}")
     parser.add_argument("--batch", type=int, required=True, help="micro-batch size")

@@ -73,5 +73,6 @@ def applies(report: InjectionReport | None) -> bool:
 
 
 def not_applied_reason(report: InjectionReport) -> str:
+    """Why a technique does not apply, for the "not applicable" lines of the report."""
     reasons = sorted({skip.reason for skip in report.skipped})
     return "injection replaced nothing in this model" + (f" ({'; '.join(reasons)})" if reasons else "")
