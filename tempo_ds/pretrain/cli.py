@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse(argv)
+        args, inputs = parse(argv)
     except ValueError as exc:  # includes DataError and TempoConfigError
         print(f"tempo-ds pretrain: error: {exc}", file=sys.stderr)
         return 2
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from .worker import finish, run
 
     try:
-        code = run(args)
+        code = run(args, inputs)
     except ValueError as exc:
         print(f"tempo-ds pretrain: error: {exc}", file=sys.stderr)
         code = 2

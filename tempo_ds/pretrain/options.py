@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import presets
@@ -88,11 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class Inputs:
+    """What the checks loaded, kept for the run so that nothing is read twice: the DeepSpeed config, the
+    documents of --data (None: the embedded corpus) and the tokenizer."""
+
+    config: dict
+    texts: list[str] | None
+    tokenizer: object
+
+
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Inputs]:
     """Parse and check ``argv``; raises ValueError (a clear message) for anything a run would trip over later."""
     args = build_parser().parse_args(argv)
-    check(args)
-    return args
+    return args, check(args)
 
 
 def _positive(args, *names: str, minimum: int = 1) -> None:
@@ -114,8 +124,8 @@ def preset_of(args) -> tuple[str, str]:
     return arch or DEFAULTS["arch"], size or DEFAULTS["size"]
 
 
-def check(args) -> None:
-    """Everything that can be checked before a process group exists."""
+def check(args) -> Inputs:
+    """Everything that can be checked before a process group exists; returns what it loaded."""
     _positive(args, "steps", "seq_len", "micro_batch", "layers", "log_interval", "keep", "nproc", "threads")
     _positive(args, "save_interval", minimum=0)
     args.arch, args.size = preset_of(args)
@@ -138,10 +148,8 @@ def check(args) -> None:
     _check_deepspeed(config)
     from ..data import load_texts, load_tokenizer
 
-    if args.data is not None:
-        load_texts(args.data)
-    if args.tokenizer is not None:
-        load_tokenizer(args.tokenizer)
+    texts = None if args.data is None else load_texts(args.data)
+    tokenizer = load_tokenizer(args.tokenizer)
     from .checkpoints import latest
 
     found = latest(checkpoint_dir(args))
@@ -153,6 +161,7 @@ def check(args) -> None:
     if not args.resume and not args.overwrite and found is not None:
         raise ValueError(f"--out {args.out} holds a run (checkpoint {found}): pass --resume to continue it, "
                          "--overwrite to start over, or another --out")
+    return Inputs(config, texts, tokenizer)
 
 
 def _check_deepspeed(config: dict) -> None:

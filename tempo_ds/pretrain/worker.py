@@ -80,14 +80,14 @@ def _peak_memory() -> int:
 class Run:
     """The state of one rank's training run."""
 
-    def __init__(self, args):
+    def __init__(self, args, inputs):
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")  # DeepSpeed's own call
         import deepspeed
         import deepspeed.comm as dist
 
         import tempo_ds
         from tempo_ds import presets
-        from tempo_ds.data import embedded_token_stream, lm_batches, load_texts, load_tokenizer, token_stream
+        from tempo_ds.data import embedded_token_stream, lm_batches, token_stream
         from tempo_ds.deepspeed_integration import deepspeed_activation_checkpointing
 
         from . import options
@@ -106,12 +106,12 @@ class Run:
             if local_rank() == 0:
                 options.clear_run(args)
             dist.barrier()
-        self.config = options.ds_config(args)
+        self.config = inputs.config
         self.dtype = _dtype(self.config)
         self.stage = self.config.get("zero_optimization", {}).get("stage", 0)
 
-        tok = load_tokenizer(args.tokenizer)
-        ids = embedded_token_stream(tok) if args.data is None else token_stream(load_texts(args.data), tok)
+        tok = inputs.tokenizer
+        ids = embedded_token_stream(tok) if inputs.texts is None else token_stream(inputs.texts, tok)
         model = presets.build_model(args.arch, args.size, seed=args.seed, vocab_size=len(tok),
                                     max_seq=max(args.seq_len, 64), layers=args.layers,
                                     zero3_config=self.config if self.stage == 3 else None)
@@ -272,9 +272,10 @@ class Run:
             json.dump(out, f, indent=1)
 
 
-def run(args) -> int:
-    """Train with the parsed ``args`` on this rank; 0, or 130 when a signal ended the run (after a checkpoint)."""
-    job = Run(args)
+def run(args, inputs) -> int:
+    """Train on this rank with the parsed ``args`` and what the checks loaded (``inputs``); 0, or 130 when a
+    signal ended the run (after a checkpoint)."""
+    job = Run(args, inputs)
     if args.resume:
         job.resume()
     if job.step >= args.steps:
