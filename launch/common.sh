@@ -10,6 +10,18 @@ need_value() {  # need_value OPTION "$#" : the option needs a following value
     [ "$2" -ge 2 ] || die "$1 needs a value"
 }
 
+common_option() {  # common_option "$@": take $1 if it is an option every launcher has; SHIFT = words used (0: not one)
+    SHIFT=0
+    case "$1" in
+        --master_addr) need_value "$1" $#; MASTER_ADDR_ARG="$2"; SHIFT=2 ;;
+        --master_port) need_value "$1" $#; MASTER_PORT_ARG="$2"; SHIFT=2 ;;
+        --script) need_value "$1" $#; SCRIPT="$2"; SHIFT=2 ;;
+        --dry_run) DRY_RUN=1; SHIFT=1 ;;
+        -h|--help) usage; exit 0 ;;
+    esac
+    [ "$SHIFT" -gt 0 ] || die "unknown option '$1' (script arguments go after --)"
+}
+
 check_int() {  # check_int NAME VALUE [MIN]
     [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
     [ "$2" -ge "${3:-0}" ] || die "$1 must be >= ${3:-0}, got $2"

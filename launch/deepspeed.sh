@@ -32,13 +32,8 @@ while [ $# -gt 0 ]; do
         --hostfile) need_value "$1" $#; HOSTFILE="$2"; shift 2 ;;
         --no_ssh) NO_SSH=1; shift ;;
         --node_rank) need_value "$1" $#; NODE_RANK="$2"; shift 2 ;;
-        --master_addr) need_value "$1" $#; MASTER_ADDR_ARG="$2"; shift 2 ;;
-        --master_port) need_value "$1" $#; MASTER_PORT_ARG="$2"; shift 2 ;;
-        --script) need_value "$1" $#; SCRIPT="$2"; shift 2 ;;
-        --dry_run) DRY_RUN=1; shift ;;
-        -h|--help) usage; exit 0 ;;
         --) shift; break ;;
-        *) die "unknown option '$1' (script arguments go after --)" ;;
+        *) common_option "$@"; shift "$SHIFT" ;;
     esac
 done
 

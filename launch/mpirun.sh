@@ -29,15 +29,10 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -np|--np) need_value "$1" $#; NP="$2"; shift 2 ;;
         --hostfile) need_value "$1" $#; HOSTFILE="$2"; shift 2 ;;
-        --master_addr) need_value "$1" $#; MASTER_ADDR_ARG="$2"; shift 2 ;;
-        --master_port) need_value "$1" $#; MASTER_PORT_ARG="$2"; shift 2 ;;
         --allow_root) EXTRA+=(--allow-run-as-root); shift ;;
         --oversubscribe) EXTRA+=(--oversubscribe); shift ;;
-        --script) need_value "$1" $#; SCRIPT="$2"; shift 2 ;;
-        --dry_run) DRY_RUN=1; shift ;;
-        -h|--help) usage; exit 0 ;;
         --) shift; break ;;
-        *) die "unknown option '$1' (script arguments go after --)" ;;
+        *) common_option "$@"; shift "$SHIFT" ;;
     esac
 done
 

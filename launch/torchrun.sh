@@ -28,14 +28,9 @@ while [ $# -gt 0 ]; do
         --nproc_per_node) need_value "$1" $#; NPROC="$2"; shift 2 ;;
         --nnodes) need_value "$1" $#; NNODES="$2"; shift 2 ;;
         --node_rank) need_value "$1" $#; NODE_RANK="$2"; shift 2 ;;
-        --master_addr) need_value "$1" $#; MASTER_ADDR_ARG="$2"; shift 2 ;;
-        --master_port) need_value "$1" $#; MASTER_PORT_ARG="$2"; shift 2 ;;
         --rdzv_id) need_value "$1" $#; RDZV_ID="$2"; shift 2 ;;
-        --script) need_value "$1" $#; SCRIPT="$2"; shift 2 ;;
-        --dry_run) DRY_RUN=1; shift ;;
-        -h|--help) usage; exit 0 ;;
         --) shift; break ;;
-        *) die "unknown option '$1' (script arguments go after --)" ;;
+        *) common_option "$@"; shift "$SHIFT" ;;
     esac
 done
 
