@@ -52,7 +52,7 @@ from .inject import inject
 
 __all__ = ["initialize", "add_config_arguments", "resolve_config", "configure_activation_checkpointing",
            "deepspeed_activation_checkpointing", "save_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state", "summary", "DEEPSPEED_EXAMPLES_FLAGS"]
+           "set_rng_state", "load_rng_state", "RNGStateError", "summary", "DEEPSPEED_EXAMPLES_FLAGS"]
 
 SWITCHES = ("gelu", "norm", "attention", "dropout", "silu")
 
@@ -294,15 +294,26 @@ def deepspeed_activation_checkpointing(model: nn.Module, *, every_n_layers: int 
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
+class RNGStateError(RuntimeError):
+    """A checkpoint folder without this rank's RNG states, or with states in a form we did not write."""
+
+
 def rng_state() -> dict:
-    """This process's random-number generator states: torch (CPU and accelerator), Python, NumPy."""
-    state: dict = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's random-number generator states: torch (CPU and accelerator), Python, NumPy.
+
+    Only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` reads it back and a
+    crafted checkpoint folder cannot run code at resume."""
+    version, internal, gauss = random.getstate()
+    state: dict = {"torch": torch.get_rng_state(),
+                   "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:
         pass
     return state
@@ -310,14 +321,35 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
+    try:
+        torch.set_rng_state(state["torch"])
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "numpy" in state:
+            import numpy as np
 
-        np.random.set_state(state["numpy"])
+            n = state["numpy"]
+            np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                                 n["cached_gaussian"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RNGStateError(f"RNG state is not in the form tempo_ds.save_checkpoint writes ({exc!r})") from None
+
+
+def load_rng_state(path: str) -> None:
+    """Read and restore this rank's RNG states from ``path`` with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise RNGStateError(f"{path} does not exist: this checkpoint was not saved with tempo_ds.save_checkpoint "
+                            "(or not by this many ranks); resume it with engine.load_checkpoint to skip the RNG "
+                            "states")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # the unpickler's refusal of anything but tensors and plain types, or a bad file
+        raise RNGStateError(f"{path} cannot be read as RNG states with weights_only=True: {exc}") from None
+    if not isinstance(state, dict):
+        raise RNGStateError(f"{path} holds a {type(state).__name__}, not the RNG-state dict tempo_ds writes")
+    set_rng_state(state)
 
 
 def _rank() -> int:
@@ -349,11 +381,11 @@ def save_checkpoint(engine, save_dir: str, tag: str | None = None, client_state:
 
 
 def load_checkpoint(engine, load_dir: str, tag: str | None = None, **kwargs):
-    """``engine.load_checkpoint`` (same return value), then this rank's RNG states if the checkpoint has them."""
+    """``engine.load_checkpoint`` (same return value), then this rank's RNG states, read with
+    ``weights_only=True``; a checkpoint DeepSpeed loaded that holds no RNG states raises :class:`RNGStateError`."""
     result = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
     resolved = _tag(load_dir, tag)
-    if resolved is not None:
+    if resolved is not None and result[0] is not None:
         path = os.path.join(load_dir, resolved, RNG_FILE.format(rank=_rank()))
-        if os.path.isfile(path):
-            set_rng_state(torch.load(path, weights_only=False))
+        load_rng_state(path)
     return result

@@ -483,12 +483,35 @@ def test_activation_checkpointing_section_is_applied_unless_configured_elsewhere
     assert not dsi.configure_activation_checkpointing(config) and len(applied) == 2
 
 
-def test_rng_state_round_trip():
-    state = dsi.rng_state()
-    expected = (torch.rand(3), __import__("random").random())
-    torch.rand(100)
-    dsi.set_rng_state(state)
-    assert torch.equal(torch.rand(3), expected[0]) and __import__("random").random() == expected[1]
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "rng.pt"
+    torch.save(dsi.rng_state(), path)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(100), random.random(), np.random.rand(7)
+    dsi.load_rng_state(str(path))  # torch.load(weights_only=True) inside
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_rng_state_refuses_missing_foreign_or_code_carrying_files(tmp_path, capsys):
+    with pytest.raises(dsi.RNGStateError, match="does not exist: this checkpoint was not saved with tempo_ds"):
+        dsi.load_rng_state(str(tmp_path / "absent.pt"))
+    torch.save({"torch": torch.get_rng_state(), "python": _RunsCode()}, tmp_path / "crafted.pt")
+    with pytest.raises(dsi.RNGStateError, match="weights_only=True"):
+        dsi.load_rng_state(str(tmp_path / "crafted.pt"))
+    assert "pwned" not in capsys.readouterr().out
+    torch.save({"torch": torch.get_rng_state()}, tmp_path / "partial.pt")
+    with pytest.raises(dsi.RNGStateError, match="not in the form tempo_ds.save_checkpoint writes"):
+        dsi.load_rng_state(str(tmp_path / "partial.pt"))
 
 
 # -- benchmark command ------------------------------------------------------------------------------------------
