@@ -28,7 +28,8 @@ autograd's through the tempo_ds Functions. The switches select what is kept for 
 =========================  ==============================================  =========================================
 switch                     on                                              off
 =========================  ==============================================  =========================================
-normalize_invertible       ``inplace_layer_norm``: LN output + rstd        ``F.layer_norm``: LN input + mean + rstd
+normalize_invertible       ``inplace_layer_norm``: LN output + rstd        LN input + float32 mean and rstd
+                                                                           (``layer_norm_fp32_grads``)
 gelu_checkpoint            ``gelu_linear``: GELU input only, GELU          ``F.gelu`` + ``F.linear``: GELU input and
                            recomputed in backward (exact)                  GELU output
 attn_dropout_checkpoint    ``attention(mode="lean")``: q, k, v, output,    ``attention(mode="tempo")``: q, k, v, the
@@ -49,8 +50,9 @@ attention output (h, the very storage the output projection keeps), two LayerNor
 input the next Linear keeps anyway), the GELU input (i), two float32 rstd and a float32 log-sum-exp per head.
 Dropout keeps nothing (masks come back from a seed, ``seed_dropout``). Turning a switch off adds:
 
-* normalize_invertible: ``2*h*e`` (the LayerNorm inputs) plus both LayerNorms' mean and rstd (in the input
-  dtype on CPU, float32 on CUDA), minus the ``2*4`` bytes of rstd;
+* normalize_invertible: ``2*h*e`` (the LayerNorm inputs) plus both LayerNorms' float32 mean and rstd
+  (``2*8`` bytes), minus the ``2*4`` bytes of rstd. Off, the LayerNorm backward runs in float32 (16-bit
+  weight and bias gradients summed over rows in float32, unlike PyTorch's CPU kernel);
 * gelu_checkpoint: ``i*e`` (the GELU output);
 * attn_dropout_checkpoint: ``a*S*e - 4*a`` (the softmax output instead of the log-sum-exp), plus a 1-bit mask,
   ``ceil(B*a*S*S / 8)`` bytes per call, with attention dropout in training.
@@ -78,7 +80,15 @@ Where it differs from DeepSpeed's layer:
 * ``attention_mask``: DeepSpeed's additive mask ([B, 1, 1, S], 0 = attend, -10000 = masked), or anything
   broadcastable to [B, a, S, S], additive or boolean (True = attend), or None. Sequence lengths need not be a
   multiple of 16. Arguments DeepSpeed ignores silently (``head_mask``, encoder states, ``past_key_value``,
-  ``output_attentions``, ``grads``) raise ValueError when set.
+  ``output_attentions``) raise ValueError when set.
+* ``grads`` (DeepSpeed's testing hook): a list that receives ``[gradient, name]`` for every parameter as the
+  backward of this call computes it, with DeepSpeed's names (``V_W`` and ``V_B`` the value slices of
+  ``attn_qkvw`` / ``attn_qkvb``, ``O_W``, ``O_B``, ``N2_W``, ``N2_B``, ``int_W``, ``int_B``, ``out_W``, ``out_B``,
+  ``norm_W``, ``norm_B``). Unlike DeepSpeed, whose hooks stay on the parameters and fire in every later
+  backward, each hook here fires once, for the call that asked. The entries arrive in autograd's order.
+* Parameter order: built fresh, ``PARAMETER_ORDER``; built from ``initial_weights`` / ``initial_biases``, the
+  weights first and then the biases (``GIVEN_ORDER``), as DeepSpeed registers them; ``from_deepspeed_layer``
+  keeps the given layer's order.
 """
 from __future__ import annotations
 
@@ -95,15 +105,23 @@ from torch import nn
 
 from .ops import attention, gelu_linear, inplace_layer_norm, seed_dropout
 from .ops._zero import gathered
+from .ops.layer_norm_fp32 import layer_norm_fp32_grads
 from .policies import Plan, Policy, Skip, Swap
 
 __all__ = ["TempoTransformerLayer", "TempoBertLayer", "BertLayerPolicy", "bert_layer_policy", "DeepSpeedKernelPolicy",
-           "deepspeed_kernel_policy", "PARAMETER_ORDER",
+           "deepspeed_kernel_policy", "PARAMETER_ORDER", "GIVEN_ORDER", "GRAD_NAMES",
            "BERT_PARAMETERS"]
 
 # DeepSpeedTransformerLayer's parameters, in its declaration order.
 PARAMETER_ORDER = ("attn_qkvw", "attn_qkvb", "attn_ow", "attn_ob", "attn_nw", "attn_nb", "inter_w", "inter_b",
                    "output_w", "output_b", "norm_w", "norm_b")
+# DeepSpeedTransformerLayer's registration order when built from initial_weights / initial_biases.
+GIVEN_ORDER = ("attn_qkvw", "attn_qkvb", "attn_ow", "attn_nw", "inter_w", "output_w", "norm_w", "attn_ob", "attn_nb",
+               "inter_b", "output_b", "norm_b")
+# DeepSpeed's names in the `grads` testing hook (for attn_qkvw / attn_qkvb: of the value slice).
+GRAD_NAMES = {"attn_qkvw": "V_W", "attn_qkvb": "V_B", "attn_ow": "O_W", "attn_ob": "O_B", "attn_nw": "N2_W",
+              "attn_nb": "N2_B", "inter_w": "int_W", "inter_b": "int_B", "output_w": "out_W", "output_b": "out_B",
+              "norm_w": "norm_W", "norm_b": "norm_B"}
 # initial_weights[n] / initial_biases[n] -> parameter (n = 0, 1, 2 are q, k, v: concatenated into attn_qkv*)
 WEIGHT_SLOTS = ("attn_qkvw", "attn_qkvw", "attn_qkvw", "attn_ow", "attn_nw", "inter_w", "output_w", "norm_w")
 BIAS_SLOTS = ("attn_qkvb", "attn_qkvb", "attn_qkvb", "attn_ob", "attn_nb", "inter_b", "output_b", "norm_b")
@@ -201,7 +219,7 @@ class TempoTransformerLayer(nn.Module):
                 given.update(self._take(values, slots, kind, shapes))
         like = next(iter(given.values()), None)
         factory = {} if like is None else {"dtype": like.dtype, "device": like.device}
-        for name in PARAMETER_ORDER:
+        for name in (GIVEN_ORDER if given else PARAMETER_ORDER):
             param = given.get(name)
             if param is None:
                 param = nn.Parameter(torch.empty(shapes[name], **factory))
@@ -241,8 +259,10 @@ class TempoTransformerLayer(nn.Module):
         new = cls(config)  # initialises fresh parameters that are replaced right below
         TempoTransformerLayer.layer_id = layer_id
         config.layer_id = getattr(layer.config, "layer_id", layer_id)
-        for name in PARAMETER_ORDER:
-            setattr(new, name, getattr(layer, name))
+        new._parameters.clear()
+        for name in layer._parameters:  # the given layer's registration order
+            if name in PARAMETER_ORDER:
+                setattr(new, name, getattr(layer, name))
         new.train(layer.training)
         return new
 
@@ -285,15 +305,34 @@ class TempoTransformerLayer(nn.Module):
         mask ``tempo_ds.ops.attention`` takes); returns [B, S, h], or ``(out,)`` with ``config.return_tuple``."""
         unsupported = {"head_mask": head_mask, "layer_head_mask": layer_head_mask,
                        "encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask,
-                       "past_key_value": past_key_value, "grads": grads}
+                       "past_key_value": past_key_value}
         for name, value in unsupported.items():
             if value is not None:
                 raise ValueError(f"TempoTransformerLayer does not support {name} (DeepSpeedTransformerLayer "
                                  "ignores it silently)")
         if output_attentions:
             raise ValueError("TempoTransformerLayer does not return attention probabilities (it never forms them)")
+        if grads is not None:
+            if not isinstance(grads, list):
+                raise ValueError(f"grads must be a list (DeepSpeed's testing hook), got {type(grads).__name__}")
+            self._record_grads_once(grads)
         out = self._layer(hidden_states, attention_mask)
         return (out,) if self.return_tuple else out
+
+    def _record_grads_once(self, grads: list) -> None:
+        """Append ``[gradient, DeepSpeed's name]`` to ``grads`` as the next backward computes each parameter's
+        gradient (the value slice for attn_qkvw / attn_qkvb), then remove the hook."""
+        h = self.hidden_size
+        for name, param in self.named_parameters(recurse=False):
+            if not param.requires_grad or name not in GRAD_NAMES:
+                continue
+            handles = []
+
+            def hook(g, name=name, handles=handles):
+                grads.append([g[2 * h:3 * h] if name in ("attn_qkvw", "attn_qkvb") else g, GRAD_NAMES[name]])
+                handles.pop().remove()
+
+            handles.append(param.register_hook(hook))
 
     def _layer(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -324,7 +363,7 @@ class TempoTransformerLayer(nn.Module):
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if self.normalize_invertible:
             return inplace_layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
-        return F.layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
+        return layer_norm_fp32_grads(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
 
     def _check_precision(self, x: torch.Tensor) -> None:
         device = x.device.type

@@ -6,6 +6,7 @@ import math
 import pickle
 import sys
 import types
+import unittest.mock
 
 import pytest
 import torch
@@ -105,6 +106,10 @@ def test_initial_weights_and_biases_take_deepspeeds_order(deepspeed_layer_on_cpu
              [torch.nn.Parameter(torch.randn(s)) for s in [(h,), (h,), (i,), (h,), (h,)]]
     theirs = deepspeed_layer_on_cpu(_config(), weights, biases)
     ours = TempoTransformerLayer(_config(), weights, biases)
+    # weights registered before biases, as DeepSpeed does when given initial weights; inject keeps that order
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()] != list(PARAMETER_ORDER)
+    converted = TempoTransformerLayer.from_deepspeed_layer(theirs)
+    assert [n for n, _ in converted.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     for name in PARAMETER_ORDER:
         mine, ds = getattr(ours, name), getattr(theirs, name)
         if name in ("attn_qkvw", "attn_qkvb"):        # new, concatenated q, k, v
@@ -174,7 +179,7 @@ def test_bad_arguments_raise():
         TempoTransformerLayer(types.SimpleNamespace(heads=4))
     layer = TempoTransformerLayer(cfg)
     x = torch.randn(2, 5, 32)
-    for kw in (dict(head_mask=torch.ones(4)), dict(past_key_value=()), dict(output_attentions=True), dict(grads=[])):
+    for kw in (dict(head_mask=torch.ones(4)), dict(past_key_value=()), dict(output_attentions=True)):
         with pytest.raises(ValueError, match="does not"):
             layer(x, **kw)
     with pytest.raises(ValueError, match=r"hidden_states must be \[batch, seq, 32\]"):
@@ -205,6 +210,56 @@ def test_return_tuple_eval_and_no_grad():
     assert not torch.allclose(train_out, reference)               # dropout acts in training...
     torch.testing.assert_close(eval_out, reference, rtol=0, atol=0)  # ...and not in eval mode
     torch.testing.assert_close(no_grad_out, reference, rtol=0, atol=0)
+
+
+def test_grads_hook_records_each_gradient_once_with_deepspeeds_names():
+    """DeepSpeed's backward test passes ``grads=[]`` and reads ``[gradient, name]`` pairs back."""
+    torch.manual_seed(0)
+    layer = TempoTransformerLayer(_config())
+    x, grads = torch.randn(2, 5, 32), []
+    layer(x, grads=grads).sum().backward()
+    names = sorted(n for _, n in grads)
+    assert names == sorted(["V_W", "V_B", "O_W", "O_B", "N2_W", "N2_B", "int_W", "int_B", "out_W", "out_B", "norm_W",
+                            "norm_B"])
+    by_name = {n: g for g, n in grads}
+    torch.testing.assert_close(by_name["V_W"], layer.attn_qkvw.grad[64:96], rtol=0, atol=0)
+    torch.testing.assert_close(by_name["int_B"], layer.inter_b.grad, rtol=0, atol=0)
+    layer(x).sum().backward()  # a later call without grads= records nothing
+    assert len(grads) == 12
+    with pytest.raises(ValueError, match="grads must be a list"):
+        layer(x, grads=())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pre_layer_norm", [True, False], ids=["pre_ln", "post_ln"])
+def test_16bit_layer_norm_gradients_without_normalize_invertible(pre_layer_norm, dtype):
+    """normalize_invertible off keeps the LayerNorm inputs, and its weight/bias gradients are summed in float32:
+    every gradient within 2x of a reference whose LayerNorms compute in float32 (as DeepSpeed's reference BERT
+    does), against float64. PyTorch's CPU F.layer_norm sums them in 16 bits and misses this by 5x or more."""
+    torch.manual_seed(0)
+    layer = _perturbed(TempoTransformerLayer(_config(pre_layer_norm=pre_layer_norm, fp16=True,
+                                                     **ALL_FLAGS[-1]))).double()
+    assert not layer.normalize_invertible
+    x, mask = torch.randn(4, 33, 32, dtype=torch.float64), _ds_mask(4, 33).double()
+    ref = _grads(lambda t: _reference(layer, t, mask), layer, x)
+    low = copy.deepcopy(layer).to(dtype)
+    ours = _grads(lambda t: low(t, mask.to(dtype)), low, x.to(dtype))
+
+    def fp32_norms(t):
+        with unittest.mock.patch.object(F, "layer_norm", lambda y, s, w, b, eps: _f32_layer_norm(y, s, w, b, eps)):
+            return _reference(low, t, mask.to(dtype))
+
+    theirs = _grads(fp32_norms, low, x.to(dtype))
+    for name in PARAMETER_ORDER:
+        assert_within_2x_of_torch(ours[2][name], theirs[2][name], ref[2][name], atol=1e-4 * ref[2][name].abs().max(),
+                                  what=f"{dtype} {name}")
+
+
+_torch_layer_norm = F.layer_norm
+
+
+def _f32_layer_norm(y, shape, w, b, eps):
+    return _torch_layer_norm(y.float(), shape, w.float(), b.float(), eps).to(y.dtype)
 
 
 # -- the maths -------------------------------------------------------------------------------------------
@@ -376,7 +431,7 @@ def _expected_bytes(pre_layer_norm, flags, B, S, h, a, i, e=2):
     if not pre_layer_norm:
         per_token += h * e                                 # the QKV Linear keeps x itself
     if not flags["normalize_invertible"]:
-        stats = 2 * 2                                      # F.layer_norm's mean and rstd: bf16 on CPU
+        stats = 2 * 4                                      # the input-keeping LayerNorm's float32 mean and rstd
         # keeps both LayerNorm inputs instead; post-LN's own output is no longer kept (it is the layer's output)
         per_token += 2 * h * e + 2 * stats - 2 * 4 - (0 if pre_layer_norm else h * e)
     if not flags["gelu_checkpoint"]:
