@@ -5,10 +5,11 @@ kernel (``tempo_ds.kernels``) on CUDA. Triton itself is imported only when a ker
 from .attention import attention
 from .dropout import seed_dropout
 from .fewbit import fewbit
+from .gated_mlp import gated_mlp
 from .gelu import inplace_gelu
 from .gelu_linear import gelu_linear
 from .layer_norm import inplace_layer_norm
 from .rms_norm import inplace_rms_norm
 
-__all__ = ["attention", "fewbit", "gelu_linear", "inplace_gelu", "inplace_layer_norm", "inplace_rms_norm",
-           "seed_dropout"]
+__all__ = ["attention", "fewbit", "gated_mlp", "gelu_linear", "inplace_gelu", "inplace_layer_norm",
+           "inplace_rms_norm", "seed_dropout"]
