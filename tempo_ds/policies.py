@@ -100,10 +100,8 @@ class Policy:
 
         if type(module).__module__.startswith("tempo_ds."):
             return False  # already one of ours
-        if cfg.norm == "inplace" and isinstance(module, nn.LayerNorm):
-            return self._swap(plan, name, module, "norm=inplace", _inplace_layer_norm)
-        if cfg.norm == "inplace" and type(module).__name__.endswith("RMSNorm"):
-            return self._swap(plan, name, module, "norm=inplace", _inplace_rms_norm)
+        if cfg.norm == "inplace" and _is_norm(module):
+            return self._swap(plan, name, module, "norm=inplace", _inplace_norm)
         if cfg.dropout == "seed" and type(module) is nn.Dropout:
             return self._swap(plan, name, module, "dropout=seed", _seed_dropout)
         act = activation_name(module)
@@ -119,9 +117,11 @@ class Policy:
             return self._swap(plan, name, module, "gelu=fewbit", _fewbit(cfg, act))
         consumer = pairs.get(name)
         if consumer is None:
+            why = getattr(pairs, "reasons", {}).get(name) or \
+                f"the {self.name} policy cannot see which Linear consumes this activation"
             plan.skips.append(Skip(name, type(module).__name__,
-                                   f"gelu={cfg.gelu}: the {self.name} policy cannot see which Linear consumes this "
-                                   "activation, so saving its output might cost memory (gelu=fewbit is safe here)"))
+                                   f"gelu={cfg.gelu}: {why}, so saving its output might cost memory "
+                                   "(gelu=fewbit is safe here)"))
             return False
         consumer_name, consumer_module = consumer
         if cfg.gelu == "inplace":
@@ -175,12 +175,23 @@ class Policy:
         return pairs
 
 
+class _Pairs(dict):
+    """{activation name: (consumer name, consumer module)}, with ``reasons``: {activation name: why it has none}."""
+
+    def __init__(self, *args, reasons: dict[str, str] | None = None):
+        super().__init__(*args)
+        self.reasons = reasons or {}
+
+
 class GenericPolicy(Policy):
     """Any model built from ``nn.LayerNorm``, GELU modules and transformers' attention interface.
 
-    Finds (activation, consumer) pairs structurally: an activation followed by a Linear in an
-    ``nn.Sequential``, or an activation attribute beside a conventionally named output projection
-    (``fc2``, ``c_proj``, ``dense_4h_to_h``, ``wo``) in a module without a gate (``gate_proj``/``up_proj``).
+    Finds (activation, consumer) pairs by tracing one forward pass on the model's ``dummy_inputs`` and
+    verifying each pair by its outputs (``tempo_ds.tracing``). A model that cannot be traced (meta device,
+    ZeRO-3-partitioned parameters, no ``dummy_inputs``) gets structural rules instead: an activation followed
+    by a Linear in an ``nn.Sequential``, or an activation attribute beside a conventionally named output
+    projection (``fc2``, ``c_proj``, ``dense_4h_to_h``, ``wo``) in a module without a gate
+    (``gate_proj``/``up_proj``).
     """
 
     SIBLINGS = ("fc2", "c_proj", "dense_4h_to_h", "wo", "fc_out")
@@ -189,6 +200,22 @@ class GenericPolicy(Policy):
         return True
 
     def _activation_pairs(self, model):
+        from .nn.fewbit import activation_name
+        from .tracing import trace_activation_consumers, why_not_traceable
+
+        candidates = {n: m for n, m in model.named_modules() if activation_name(m) in GELU_NAMES}
+        if not candidates:
+            return _Pairs()
+        untraceable = why_not_traceable(model)
+        if untraceable is None:
+            forms = {n: "tanh" if activation_name(m) == TANH_GELU else "none" for n, m in candidates.items()}
+            traced = trace_activation_consumers(model, candidates, forms)
+            return _Pairs(traced.pairs, reasons=traced.rejected)
+        pairs = self._structural_pairs(model)
+        reason = f"not traced ({untraceable}) and no structural rule names its consumer"
+        return _Pairs(pairs, reasons={n: reason for n in candidates if n not in pairs})
+
+    def _structural_pairs(self, model):
         from .nn.fewbit import activation_name
 
         pairs = {}
@@ -214,7 +241,8 @@ POLICIES: list[Policy] = [
     Policy("bert", ("bert", "roberta", "xlm-roberta", "camembert"),
            (("intermediate.intermediate_act_fn", "output.dense"),)),
     Policy("gpt2", ("gpt2",), (("mlp.act", "mlp.c_proj"),)),
-    Policy("llama", ("llama", "mistral", "qwen2", "qwen3"), (), gated=True),
+    Policy("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
+                     "mixtral", "olmo2", "granite", "cohere", "stablelm"), (), gated=True),
 ]
 GENERIC = GenericPolicy("generic")
 
@@ -241,7 +269,7 @@ def _is_candidate(module: nn.Module) -> bool:
     """Whether some technique would consider this module (for reporting what 'skip' left alone)."""
     from .nn.fewbit import activation_name
 
-    return (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+    return (_is_norm(module)
             or type(module) is nn.Dropout or activation_name(module) is not None)
 
 
@@ -251,16 +279,17 @@ def _skipper(cfg: TempoConfig):
 
 
 # -- builders: each returns a new module holding the old module's Parameter objects ----------------------
-def _inplace_layer_norm(module):
-    from .nn.layer_norm import InplaceLayerNorm
+def _is_norm(module):
+    from .nn.norm_families import is_norm
 
-    return InplaceLayerNorm.from_module(module)
+    return is_norm(module)
 
 
-def _inplace_rms_norm(module):
-    from .nn.rms_norm import InplaceRMSNorm
+def _inplace_norm(module):
+    """The norm's in-place replacement, chosen by the arithmetic its code runs (``tempo_ds.nn.norm_families``)."""
+    from .nn.norm_families import inplace_norm
 
-    return InplaceRMSNorm.from_module(module)
+    return inplace_norm(module)
 
 
 def _seed_dropout(module):

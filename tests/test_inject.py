@@ -229,7 +229,11 @@ def test_unsafe_or_unknown_modules_are_left_alone_and_reported():
     model = nn.Sequential(Block(), nn.LayerNorm(8))
     report = tempo_ds.inject(model)
     skipped = {s.name: s.reason for s in report.skipped}
-    assert "0.act" in skipped and "cannot see which Linear" in skipped["0.act"]
+    assert "0.act" in skipped and "no structural rule names its consumer" in skipped["0.act"]
+    tempo_ds.revert(model)
+    model.dummy_inputs = {"input": torch.randn(2, 8)}  # traceable: the GELU output is added to another activation
+    skipped = {s.name: s.reason for s in tempo_ds.inject(model).skipped}
+    assert "traced: its output goes to no module (plain tensor code)" in skipped["0.act"]
     assert type(model[0].act) is nn.GELU and type(model[0].quick).__name__ == "QuickGELUActivation"
     assert any("AttentionInterface" in s.reason for s in report.skipped)
     assert report.counts() == {"norm=inplace": 1}
