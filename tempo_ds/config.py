@@ -48,6 +48,15 @@ class TempoConfig(_Strict):
                fewbit    keep a b-bit code per element (approximate gradient; see ``fewbit``)
                off       leave GELU alone
     silu       fewbit | off  (SiLU/SwiGLU, LLaMA family)
+    mlp        recompute  gated MLPs (SwiGLU/GeGLU: ``down(act(gate(x)) * up(x))``, Phi-3's fused gate_up too)
+                          fused into the down projection: keep the gate and up outputs only and recompute
+                          ``act(gate) * up`` in backward (exact; 2 MLP-wide tensors kept instead of 4)
+               off        leave gated MLPs alone
+               With ``silu="fewbit"`` (or ``gelu="fewbit"`` for GeGLU) and ``mlp="recompute"``, the fused MLP
+               wins inside every gated MLP it replaces: it keeps fewer bytes than a few-bit code plus the
+               activation output, the up output and their product, and it is exact. The report lists
+               those activations as left alone with that reason; few-bit still applies to activations
+               outside recognised gated MLPs. Set ``mlp="off"`` to put few-bit SiLU inside gated MLPs.
     norm       inplace | off  LayerNorm/RMSNorm that save their output and row statistics, not the input
     attention  lean      save q, k, v, output and log-sum-exp; recompute probabilities in blocks
                tempo     Tempo's dropout recomputation: save the softmax output and a 1-bit mask
@@ -59,6 +68,7 @@ class TempoConfig(_Strict):
     enabled: bool = True
     gelu: Literal["inplace", "recompute", "fewbit", "off"] = "recompute"
     silu: Literal["fewbit", "off"] = "off"
+    mlp: Literal["recompute", "off"] = "recompute"
     norm: Literal["inplace", "off"] = "inplace"
     attention: Literal["lean", "tempo", "off"] = "lean"
     dropout: Literal["seed", "off"] = "seed"
@@ -97,7 +107,7 @@ class TempoConfig(_Strict):
 
     def techniques(self) -> dict[str, str]:
         """The technique switches, for reports."""
-        return {k: getattr(self, k) for k in ("gelu", "silu", "norm", "attention", "dropout")}
+        return {k: getattr(self, k) for k in ("gelu", "silu", "mlp", "norm", "attention", "dropout")}
 
 
 def deepspeed_section(ds_config: dict | str | os.PathLike | None) -> dict | None:

@@ -100,6 +100,8 @@ class Policy:
 
         if type(module).__module__.startswith("tempo_ds."):
             return False  # already one of ours
+        if cfg.mlp == "recompute" and _is_gated_candidate(module):
+            return self._plan_gated_mlp(name, module, cfg, plan)
         if cfg.norm == "inplace" and _is_norm(module):
             return self._swap(plan, name, module, "norm=inplace", _inplace_norm)
         if cfg.dropout == "seed" and type(module) is nn.Dropout:
@@ -110,6 +112,29 @@ class Policy:
         if act == "silu" and cfg.silu == "fewbit":
             return self._swap(plan, name, module, "silu=fewbit", _fewbit(cfg, "silu"))
         return False
+
+    def _plan_gated_mlp(self, name, module, cfg, plan) -> bool:
+        """A whole gated MLP (any family: recognised by structure) fused into its down projection."""
+        from .nn.gated_mlp import GatedMLP, moe_experts_reason
+
+        reason = moe_experts_reason(module)
+        if reason is not None:
+            plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: {reason}"))
+            return False
+        try:
+            fused = GatedMLP.from_module(module)
+        except TypeError as exc:
+            plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: {exc}"))
+            return False
+        plan.swaps.append(Swap(name, module, fused, "mlp=recompute"))
+        fewbit = cfg.silu if fused.activation == "silu" else cfg.gelu
+        if fewbit == "fewbit":
+            key = "silu" if fused.activation == "silu" else "gelu"
+            plan.skips.append(Skip(f"{name}.{fused.act_name}", type(getattr(fused, fused.act_name)).__name__,
+                                   f"{key}=fewbit: inside a gated MLP fused by mlp=recompute, which keeps fewer "
+                                   "bytes (the gate and up outputs only) and is exact; set mlp='off' for few-bit "
+                                   "here"))
+        return True
 
     def _plan_gelu(self, name, module, act, cfg, pairs, plan) -> bool:
         approximate = "tanh" if act == TANH_GELU else "none"
@@ -270,7 +295,13 @@ def _is_candidate(module: nn.Module) -> bool:
     from .nn.fewbit import activation_name
 
     return (_is_norm(module)
-            or type(module) is nn.Dropout or activation_name(module) is not None)
+            or type(module) is nn.Dropout or activation_name(module) is not None or _is_gated_candidate(module))
+
+
+def _is_gated_candidate(module: nn.Module) -> bool:
+    from .nn.gated_mlp import is_gated_mlp_candidate, moe_experts_reason
+
+    return is_gated_mlp_candidate(module) or moe_experts_reason(module) is not None
 
 
 def _skipper(cfg: TempoConfig):

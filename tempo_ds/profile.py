@@ -80,12 +80,13 @@ TECHNIQUES = {  # each technique alone, the others off
     "gelu=inplace": {"gelu": "inplace"},
     "gelu=fewbit (2 bit)": {"gelu": "fewbit"},
     "silu=fewbit (2 bit)": {"silu": "fewbit"},
+    "mlp=recompute": {"mlp": "recompute"},
     "norm=inplace": {"norm": "inplace"},
     "attention=lean": {"attention": "lean"},
     "attention=tempo": {"attention": "tempo"},
     "dropout=seed": {"dropout": "seed"},
 }
-ALL_OFF = {"gelu": "off", "silu": "off", "norm": "off", "attention": "off", "dropout": "off"}
+ALL_OFF = {"gelu": "off", "silu": "off", "mlp": "off", "norm": "off", "attention": "off", "dropout": "off"}
 
 
 def variants(tempo: dict | None = None, techniques: bool = False) -> dict[str, dict | None]:

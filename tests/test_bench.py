@@ -15,7 +15,7 @@ from tempo_ds.memory import SavedTensorMeter
 SEQ, BATCH, LAYERS, BUDGET_GB, STEPS = 32, 2, 2, 0.05, 4
 ARGS = ["bench", "--arch", "bert", "--size", "tiny", "--seq", str(SEQ), "--batch", str(BATCH), "--layers",
         str(LAYERS), "--steps", str(STEPS), "--reps", "1", "--threads", "1", "--memory_budget_gb", str(BUDGET_GB)]
-# On BERT every technique but SiLU's applies (BERT has no SiLU).
+# On BERT every technique but SiLU's and the gated MLP's applies (BERT has neither).
 EXPECTED = ["HF eager", "HF sdpa", "tempo_ds gelu=recompute", "tempo_ds gelu=inplace", "tempo_ds gelu=fewbit (2 bit)",
             "tempo_ds norm=inplace", "tempo_ds attention=lean", "tempo_ds attention=tempo", "tempo_ds dropout=seed",
             "tempo_ds (all)"]
@@ -37,8 +37,8 @@ def bench(tmp_path_factory):
 def test_json_holds_every_figure_settings_and_environment(bench):
     _, result, rows = bench
     assert list(rows) == EXPECTED
-    assert [s["name"] for s in result["skipped"]] == ["silu=fewbit"]
-    assert "replaced nothing" in result["skipped"][0]["reason"]
+    assert [s["name"] for s in result["skipped"]] == ["silu=fewbit", "mlp=recompute"]  # no SiLU, no gated MLP
+    assert all("replaced nothing" in s["reason"] for s in result["skipped"])
     s = result["settings"]
     assert (s["arch"], s["size"], s["seq"], s["dtype"], s["batch"], s["layers"], s["full_layers"], s["steps"]) == \
         ("bert", "tiny", SEQ, "bf16", BATCH, LAYERS, 2, STEPS)

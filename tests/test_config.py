@@ -8,8 +8,8 @@ from tempo_ds.config import TempoConfig, TempoConfigError, deepspeed_section
 
 def test_defaults_and_overrides():
     cfg = TempoConfig.build()
-    assert cfg.techniques() == {"gelu": "recompute", "silu": "off", "norm": "inplace", "attention": "lean",
-                                "dropout": "seed"}
+    assert cfg.techniques() == {"gelu": "recompute", "silu": "off", "mlp": "recompute", "norm": "inplace",
+                                "attention": "lean", "dropout": "seed"}
     assert TempoConfig.build({"gelu": "inplace"}, gelu="fewbit").gelu == "fewbit"
     assert TempoConfig.build(cfg, norm="off").norm == "off" and cfg.norm == "inplace"
 

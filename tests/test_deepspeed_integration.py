@@ -120,8 +120,8 @@ def train_cli(tmp_path_factory):
 def test_command_line_overrides_the_config_section(train_cli):
     for found in train_cli:
         for stage in (2, 3):
-            assert found[f"resume{stage}"]["techniques"] == {"gelu": "inplace", "silu": "off", "norm": "inplace",
-                                                            "attention": "lean", "dropout": "seed"}
+            assert found[f"resume{stage}"]["techniques"] == {"gelu": "inplace", "silu": "off", "mlp": "recompute",
+                                                            "norm": "inplace", "attention": "lean", "dropout": "seed"}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

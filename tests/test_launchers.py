@@ -109,8 +109,8 @@ def reference(tmp_path_factory):
 
 def test_deepspeed_single_node(reference):
     assert [r["local_rank"] for r in reference] == [0, 1]
-    assert reference[0]["tempo"] == {"gelu": "recompute", "silu": "off", "norm": "inplace", "attention": "lean",
-                                     "dropout": "seed"}
+    assert reference[0]["tempo"] == {"gelu": "recompute", "silu": "off", "mlp": "recompute", "norm": "inplace",
+                                     "attention": "lean", "dropout": "seed"}
     assert reference[0]["losses"][-1] < reference[0]["losses"][0]
 
 

@@ -4,12 +4,14 @@ from .dropout import SeedDropout
 from .fewbit import (FewBitActivation, FewBitCELU, FewBitELU, FewBitGELU, FewBitHardswish, FewBitHardtanh,
                      FewBitLeakyReLU, FewBitLogSigmoid, FewBitMish, FewBitReLU, FewBitReLU6, FewBitSELU,
                      FewBitSigmoid, FewBitSiLU, FewBitSoftplus, FewBitSoftsign, FewBitTanh, FewBitTanhshrink)
+from .gated_mlp import GatedDownProjection, GatedMLP
 from .gelu import InplaceGELU
 from .gelu_linear import GeluLinear
 from .layer_norm import InplaceLayerNorm
 from .rms_norm import InplaceRMSNorm
 
-__all__ = ["LeanAttention", "SeedDropout", "InplaceGELU", "GeluLinear", "InplaceLayerNorm", "InplaceRMSNorm",
+__all__ = ["LeanAttention", "SeedDropout", "GatedMLP", "GatedDownProjection", "InplaceGELU", "GeluLinear",
+           "InplaceLayerNorm", "InplaceRMSNorm",
            "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
            "FewBitELU", "FewBitCELU", "FewBitSELU", "FewBitMish", "FewBitLogSigmoid", "FewBitSoftsign",
            "FewBitTanhshrink", "FewBitHardswish", "FewBitReLU", "FewBitLeakyReLU", "FewBitReLU6", "FewBitHardtanh"]
