@@ -1,4 +1,29 @@
-"""``InplaceRMSNorm``: HuggingFace ``LlamaRMSNorm`` (or ``torch.nn.RMSNorm``) keeping its output for backward."""
+"""RMSNorm modules over ``tempo_ds.ops.inplace_rms_norm``: each keeps its output and one float32 ``rstd`` per row.
+
+Three arithmetics, each equal bit for bit in float32 to the HuggingFace module it replaces (``rstd`` =
+``rsqrt(mean(x^2) + eps)``, computed in float32 from the input cast to float32)::
+
+    LlamaRMSNorm  (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, Granite, ...)  y = w * (x * rstd).to(x.dtype)
+    Olmo2RMSNorm  (OLMo 2/3; and torch.nn.RMSNorm)                          y = (w * x * rstd).to(x.dtype)
+    GemmaRMSNorm  (Gemma 1/2/3, Qwen3-Next)                                 y = (x * rstd * (1 + w)).to(x.dtype)
+
+The first two are ``InplaceRMSNorm`` with ``casting="llama"`` and ``casting="torch"``; Gemma's is
+``InplaceGemmaRMSNorm``, which hands the op the float32 scale ``1 + w`` (autograd carries its gradient back to
+``w`` through the addition, which keeps nothing). The op rebuilds ``x * rstd = y / scale`` in backward; a
+scale with a zero entry (Gemma's ``w = -1``) or a tiny one makes the op keep ``x`` instead for that call
+(``tempo_ds.ops.layer_norm.output_is_invertible``), so gradients stay HF's.
+
+Bytes kept for ``M`` rows of ``N``, with HF's eager modules for comparison (``e`` = bytes of the input dtype):
+
+* ours: ``M*N*e`` (the output) + ``4*M``; Gemma also ``4*N`` (the float32 scale, which HF keeps too).
+* HF Llama-style: ``M*N*(4 + e)`` + ``4*M`` (float32 ``x`` and the rounded ``x * rstd``);
+  OLMo 2 and Gemma: ``M*N*8`` + ``4*M`` (float32 ``x`` and ``x * rstd``).
+
+The output is free when the next module keeps it anyway (a pre-norm feeding q/k/v or gate/up Linears, or
+the final norm feeding the LM head). A post-norm (OLMo 2, Gemma 2/3 ``post_*_layernorm``, whose output goes
+to a residual add) and a q/k norm (output goes to RoPE, which keeps only its tables) keep it alone:
+``M*N*e + 4*M``, still less than HF's module.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,27 +31,70 @@ from torch import nn
 
 from tempo_ds.ops.rms_norm import CASTINGS, inplace_rms_norm
 
-__all__ = ["InplaceRMSNorm"]
+__all__ = ["InplaceRMSNorm", "InplaceGemmaRMSNorm", "computes_like"]
+
+
+def _code_key(function):
+    code = getattr(function, "__code__", None)
+    return None if code is None else (code.co_code, code.co_consts, code.co_names)
+
+
+def computes_like(module: nn.Module, reference: type, methods: tuple[str, ...] = ("forward",)) -> bool:
+    """Whether ``module``'s class runs ``reference``'s code for each of ``methods`` (the same bytecode,
+    constants and attribute names, so the same arithmetic on the same attributes). transformers' "Copied
+    from" classes (Mistral's RMSNorm is Llama's) qualify; anything else, Liger's patches included, does not."""
+    for method in methods:
+        ours = _code_key(getattr(type(module), method, None))
+        if ours is None or ours != _code_key(getattr(reference, method, None)):
+            return False
+    return True
+
+
+def _llama_reference():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm
+
+
+def _olmo2_reference():
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    return Olmo2RMSNorm
+
+
+def _gemma_reference():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    return GemmaRMSNorm
 
 
 def _computes_like_llama(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is HuggingFace's ``LlamaRMSNorm.forward`` or a verbatim copy of it (the
-    "Copied from Llama" RMSNorms of Mistral, Qwen2, ...). Gemma's (``1 + w``) and T5's (cast to the weight
-    dtype) compute something else and do not qualify."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    """HuggingFace's ``LlamaRMSNorm.forward`` or a verbatim copy (Mistral, Qwen2/3, Phi-3, Mixtral, Granite...)."""
+    return computes_like(module, _llama_reference())
 
-    forward = getattr(type(module), "forward", None)
-    code, ref = getattr(forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (ref.co_code, ref.co_consts,
-                                                                                  ref.co_names)
+
+def _computes_like_olmo2(module: nn.Module) -> bool:
+    """HuggingFace's ``Olmo2RMSNorm.forward`` (scale in float32, round once) or a verbatim copy (OLMo 3)."""
+    return computes_like(module, _olmo2_reference())
+
+
+def _computes_like_gemma(module: nn.Module) -> bool:
+    """HuggingFace's ``GemmaRMSNorm`` (``forward`` and ``_norm``) or a verbatim copy (Gemma 2/3, Qwen3-Next)."""
+    return computes_like(module, _gemma_reference(), ("forward", "_norm"))
+
+
+def _adopt(new: nn.Module, module: nn.Module) -> nn.Module:
+    new.register_parameter("weight", module.weight)
+    new.train(module.training)
+    return new
 
 
 class InplaceRMSNorm(nn.Module):
     """RMSNorm over the last dimension running ``tempo_ds.ops.inplace_rms_norm``.
 
     Drop-in for HuggingFace's ``LlamaRMSNorm(hidden_size, eps)`` (parameter ``weight``, attribute
-    ``variance_epsilon``) with the default ``casting="llama"``; ``from_module`` also takes a 1-D
-    ``torch.nn.RMSNorm`` and then keeps its rounding (``casting="torch"``) and ``eps`` (None allowed).
+    ``variance_epsilon``) with the default ``casting="llama"``; with ``casting="torch"`` for
+    ``Olmo2RMSNorm`` and ``torch.nn.RMSNorm`` (whose ``eps=None`` it keeps). ``from_module`` picks the casting.
     """
 
     def __init__(self, hidden_size: int, eps: float | None = 1e-6, *, elementwise_affine: bool = True,
@@ -59,8 +127,9 @@ class InplaceRMSNorm(nn.Module):
     def from_module(cls, module: nn.Module) -> "InplaceRMSNorm":
         """A new ``InplaceRMSNorm`` holding ``module``'s own ``weight`` Parameter (nothing copied).
 
-        Accepts HuggingFace ``LlamaRMSNorm`` and its verbatim copies, and ``torch.nn.RMSNorm`` over one
-        dimension; anything else raises ``TypeError`` rather than silently changing the maths.
+        Accepts HuggingFace ``LlamaRMSNorm`` and ``Olmo2RMSNorm`` and their verbatim copies, and
+        ``torch.nn.RMSNorm`` over one dimension; anything else (Gemma's ``1 + w``, T5's cast to the weight
+        dtype) raises ``TypeError`` rather than silently changing the maths.
         """
         if isinstance(module, nn.RMSNorm):
             if len(module.normalized_shape) != 1:
@@ -69,12 +138,59 @@ class InplaceRMSNorm(nn.Module):
         elif isinstance(module, cls):
             hidden, eps, casting = module.hidden_size, module.eps, module.casting
         elif hasattr(module, "variance_epsilon") and _computes_like_llama(module):
-            hidden, eps, casting = module.weight.shape[0], module.variance_epsilon, "llama"
+            hidden, eps, casting = _width(module.weight), module.variance_epsilon, "llama"
+        elif hasattr(module, "variance_epsilon") and _computes_like_olmo2(module):
+            hidden, eps, casting = _width(module.weight), module.variance_epsilon, "torch"
         else:
-            raise TypeError(f"{type(module).__name__} is neither LlamaRMSNorm-like nor torch.nn.RMSNorm")
+            raise TypeError(f"{type(module).__name__} computes neither like LlamaRMSNorm, Olmo2RMSNorm "
+                            "nor torch.nn.RMSNorm")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.hidden_size, new.eps, new.casting = hidden, eps, casting
-        new.register_parameter("weight", module.weight)
-        new.train(module.training)
-        return new
+        return _adopt(new, module)
+
+
+class InplaceGemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm, ``y = (x * rstd * (1 + w)).to(x.dtype)`` computed in float32, keeping its output.
+
+    Drop-in for HuggingFace's ``GemmaRMSNorm(dim, eps)`` (``weight`` initialised to zeros, attribute ``eps``):
+    the op gets the scale ``1 + w.float()``, exactly the tensor HF multiplies by, so the forward is HF's bit
+    for bit. A float64 weight stays float64 (HF would round it to float32) so that gradcheck sees float64 maths.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    def scale(self) -> torch.Tensor:
+        """``1 + w`` in float32 (float64 for a float64 weight): HF's ``1.0 + self.weight.float()``."""
+        w = self.weight
+        return 1.0 + (w if w.dtype == torch.float64 else w.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return inplace_rms_norm(x, self.scale(), self.eps, casting="torch")
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, scale=1+weight"
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "InplaceGemmaRMSNorm":
+        """A new ``InplaceGemmaRMSNorm`` holding ``module``'s own ``weight`` Parameter. Accepts HuggingFace
+        ``GemmaRMSNorm`` and its verbatim copies (Gemma 2/3, Qwen3-Next); anything else raises ``TypeError``."""
+        if isinstance(module, cls):
+            dim, eps = module.dim, module.eps
+        elif hasattr(module, "eps") and _computes_like_gemma(module):
+            dim, eps = _width(module.weight), module.eps
+        else:
+            raise TypeError(f"{type(module).__name__} does not compute like GemmaRMSNorm (x * rstd * (1 + w))")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim, new.eps = dim, eps
+        return _adopt(new, module)
+
+
+def _width(weight: torch.Tensor) -> int:
+    """The normalised width of a 1-D weight, also when ZeRO-3 has partitioned it (``ds_shape``)."""
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    return int(shape[-1])

@@ -1,0 +1,57 @@
+"""Which norm modules tempo_ds replaces exactly: recognised by the code they run, not by their class name.
+
+``inplace_norm(module)`` returns the in-place module for a norm whose arithmetic tempo_ds reproduces (the
+forward equal to the original's bit for bit in float32) and raises ``TypeError`` naming the arithmetic it
+lacks otherwise. ``is_norm(module)`` says whether a module is a norm at all (for reports of what was left alone).
+
+| arithmetic (reference class)  | families (transformers 5.x)                                  | replacement           |
+|-------------------------------|---------------------------------------------------------------|-----------------------|
+| ``torch.nn.LayerNorm``        | BERT, GPT-2, OPT, StableLM (incl. its per-head q/k norms)...  | InplaceLayerNorm      |
+| ``torch.nn.RMSNorm``          | models built on torch's module                                | InplaceRMSNorm        |
+| ``LlamaRMSNorm``              | Llama, Mistral, Qwen2, Qwen3 (also q/k), Phi-3, Mixtral, Granite | InplaceRMSNorm ("llama") |
+| ``Olmo2RMSNorm``              | OLMo 2/3 (pre, post and whole-projection q/k norms)            | InplaceRMSNorm ("torch") |
+| ``GemmaRMSNorm`` (``1 + w``)  | Gemma, Gemma 2, Gemma 3 (also q/k), Qwen3-Next                 | InplaceGemmaRMSNorm   |
+| ``CohereLayerNorm``           | Cohere, Cohere 2 (also per-head q/k)                           | InplaceCohereLayerNorm |
+
+A class matches a reference when its methods have the reference's bytecode, constants and attribute names
+(transformers' "Copied from" classes do); a patched class (Liger's ``LigerRMSNorm``), T5's ``T5LayerNorm``
+(casts to the weight's dtype) or a LayerNorm subclass with its own ``forward`` does not, and is left alone.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .layer_norm import InplaceCohereLayerNorm, InplaceLayerNorm
+from .rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm, _computes_like_gemma, _computes_like_llama, \
+    _computes_like_olmo2
+
+__all__ = ["inplace_norm", "is_norm", "KNOWN"]
+
+KNOWN = ("torch.nn.LayerNorm", "torch.nn.RMSNorm (one dimension)", "LlamaRMSNorm (round, then scale by w)",
+         "Olmo2RMSNorm (scale by w in float32, round once)", "GemmaRMSNorm (scale by 1 + w in float32)",
+         "CohereLayerNorm (bias-free, float32)")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm by type or by class name (``*LayerNorm``, ``*RMSNorm``)."""
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def inplace_norm(module: nn.Module) -> nn.Module:
+    """The in-place replacement of ``module``, holding its Parameter objects; ``TypeError`` with the reason
+    when its arithmetic is not one tempo_ds reproduces exactly."""
+    if isinstance(module, nn.LayerNorm):
+        return InplaceLayerNorm.from_module(module)
+    if isinstance(module, nn.RMSNorm):
+        return InplaceRMSNorm.from_module(module)
+    if hasattr(module, "variance_epsilon") and (_computes_like_llama(module) or _computes_like_olmo2(module)):
+        return InplaceRMSNorm.from_module(module)
+    if hasattr(module, "eps") and _computes_like_gemma(module):
+        return InplaceGemmaRMSNorm.from_module(module)
+    try:
+        return InplaceCohereLayerNorm.from_module(module)
+    except TypeError:
+        pass
+    raise TypeError(f"{type(module).__name__} runs none of the norm arithmetics tempo_ds reproduces exactly "
+                    f"({'; '.join(KNOWN)})")
