@@ -2,7 +2,7 @@
 
 Forward::
 
-    seed      = draw_seed()                                 one int from the global CPU generator
+    seed      = draw_seed(x.device)                         1-element int64 tensor from the device's generator
     keep[n]   = _rng.uniform_u32(seed, n) >= floor(p 2^32)  n = row-major (logical) index of the element
     y         = x * keep / (1 - p)
 
@@ -10,8 +10,15 @@ Backward::
 
     dx        = dy * keep / (1 - p)                         keep regenerated from the seed
 
-Saved for backward: nothing (the seed and p are Python numbers on ``ctx``). ``F.dropout`` keeps a mask
-of the input's size (one byte per element on CUDA, one input-dtype element on CPU).
+Saved for backward: nothing but the seed (an 8-byte device tensor, an input of the op, kept on ``ctx``
+rather than through ``save_for_backward`` so that "nothing saved" stays the meter's figure: it is no
+activation, the same value comes back from any recompute, and 8 bytes cannot leak). ``F.dropout`` keeps a
+mask of the input's size (one byte per element on CUDA, one input-dtype element on CPU).
+
+The op is the ``torch.library`` custom op ``tempo_ds::seed_dropout_fwd(x, seed, p)`` with a fake
+implementation; its backward is the same op applied to the gradient, so it is differentiable again. The
+seed is drawn in the wrapper and reaches the op as a tensor: nothing reads it on the host (DESIGN.md
+section 5, rules 10-11), so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through.
 
 The mask depends only on the seed and the element's logical index, never on strides or the device, so
 the PyTorch path here and the Triton kernel (``tempo_ds.kernels.dropout``) build the same mask bit for
@@ -28,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from tempo_ds.ops import _rng
-from tempo_ds.ops._autocast import custom_bwd, custom_fwd
 from tempo_ds.ops._dispatch import use_triton
+from tempo_ds.ops._library import LIB, draw_seed
 
 __all__ = ["seed_dropout", "fill_keep_mask"]
 
@@ -49,8 +56,9 @@ def _chunk(device: torch.device) -> int:
     return CPU_CHUNK if device.type == "cpu" else _rng.CHUNK
 
 
-def fill_keep_mask(out: torch.Tensor, seed: int, p: float, start: int) -> torch.Tensor:
-    """Fill the flat bool tensor ``out`` with the keep mask of elements ``start .. start + out.numel() - 1``."""
+def fill_keep_mask(out: torch.Tensor, seed, p: float, start: int) -> torch.Tensor:
+    """Fill the flat bool tensor ``out`` with the keep mask of elements ``start .. start + out.numel() - 1``;
+    ``seed`` an int or a 1-element int64 tensor."""
     chunk = _chunk(out.device)
     for c in range(0, out.numel(), chunk):
         count = min(chunk, out.numel() - c)
@@ -58,12 +66,21 @@ def fill_keep_mask(out: torch.Tensor, seed: int, p: float, start: int) -> torch.
     return out
 
 
-def apply_seed_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``x * keep / (1 - p)`` with ``keep`` regenerated from ``seed``: a new contiguous tensor of x's shape."""
+def kernel_seed(kernel_module, seed):
+    """The seed as a kernel launcher takes it: the device tensor where the launcher accepts one
+    (``TENSOR_SEED``), else an int, which reads the device on the host (only until kernels/ take tensors)."""
+    if not isinstance(seed, torch.Tensor) or getattr(kernel_module, "TENSOR_SEED", False):
+        return seed
+    return int(seed.reshape(()).item())
+
+
+def apply_seed_mask(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """``x * keep / (1 - p)`` with ``keep`` regenerated from ``seed`` (int or 1-element int64 tensor): a new
+    contiguous tensor of x's shape."""
     if x.dtype != torch.float64 and use_triton(x):  # the kernel scales in float32
         from tempo_ds.kernels import dropout as kernel
 
-        return kernel.apply_seed_mask(x, p, seed)
+        return kernel.apply_seed_mask(x, p, kernel_seed(kernel, seed))
     flat = x.reshape(-1)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_flat = out.view(-1)
@@ -77,32 +94,37 @@ def apply_seed_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out
 
 
-class SeedDropoutFunction(torch.autograd.Function):
-    """``y = x * keep(seed) / (1 - p)``; x and y of any shape; saves no tensor."""
+@torch.library.custom_op(f"{LIB}::seed_dropout_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``x * keep(seed) / (1 - p)``: a new contiguous tensor of x's shape and dtype."""
+    return apply_seed_mask(x, p, seed)
 
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        ctx.p, ctx.seed = p, seed
-        return apply_seed_mask(x, p, seed)
 
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, grad: torch.Tensor):
-        # The same masked scaling of the gradient; through the Function again, so it is differentiable too.
-        return SeedDropoutFunction.apply(grad, ctx.p, ctx.seed), None, None
+@_fwd.register_fake
+def _(x, seed, p):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, seed, p = inputs
+    ctx.seed, ctx.p = seed, p  # the seed: 8 bytes, an input, equal in any recompute (module docstring)
+
+
+def _backward(ctx, grad):
+    # The same masked scaling of the gradient, through the op again, so it is differentiable too.
+    return _fwd(grad, ctx.seed, ctx.p), None, None
+
+
+torch.library.register_autograd(f"{LIB}::seed_dropout_fwd", _backward, setup_context=_setup_context)
 
 
 def seed_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
     """Dropout like ``F.dropout(x, p, training)`` whose mask is regenerated from a seed instead of saved.
 
     ``p == 0`` or ``training=False`` returns ``x`` itself (no seed drawn); ``p == 1`` returns zeros (times x,
-    so inf and nan still give nan, as in ``F.dropout``).
+    so inf and nan still give nan, as in ``F.dropout``). Saves nothing for backward but the 8-byte seed.
     """
     _check_p(p)
     if p == 0.0 or not training:
         return x
-    seed = _rng.draw_seed()
-    if torch.is_grad_enabled() and x.requires_grad:
-        return SeedDropoutFunction.apply(x, p, seed)
-    return apply_seed_mask(x, p, seed)
+    return _fwd(x, draw_seed(x.device), float(p))

@@ -50,6 +50,14 @@ extra) and the packed branch bits (ceil(n / 8) bytes). Nothing is saved, and no 
 grad is disabled or x does not require grad. The input is never modified: "in place" is about what is
 kept, not about writing over x.
 
+Custom ops: ``tempo_ds::inplace_gelu_fwd(x, approximate) -> (y, bits)`` and ``tempo_ds::inplace_gelu_bwd(y,
+bits, dy, approximate) -> dx``, with fake implementations, joined by ``register_autograd``. Both are
+out of place (``mutates_args=()``). Writing y over x would need ``mutates_args={"x"}``: functionalization
+would then turn it back into a copy under torch.compile/export (no memory saved there), and in eager it
+would break every other reader of x -- autograd's saved copies of x elsewhere (version check), the
+residual stream, a checkpointed region's input (rule 3). What makes the op lean is what it keeps, not
+where it writes, so the out-of-place form is the sound one and loses nothing. y is always contiguous.
+
 Constants. The erf form's minimum is x_min = -0.75179152469356446, y_min = -0.16997120747990366
 (mpmath.findroot of Phi(x) + x phi(x) at 40 digits; the -0.751791631228899 quoted by Tempo is off by
 1.1e-7, which moves y_min by 2e-15). The tanh form's, found the same way on the mpmath derivative of
@@ -66,11 +74,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._autocast import custom_bwd, custom_fwd
 from ._bits import pack_bits, unpack_bits
 from ._dispatch import use_triton
+from ._library import LIB
 
-__all__ = ["inplace_gelu", "InplaceGELUFunction", "APPROXIMATE"]
+__all__ = ["inplace_gelu", "APPROXIMATE"]
 
 APPROXIMATE = ("none", "tanh")
 
@@ -262,32 +270,57 @@ def _kernel_path(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton(x)
 
 
-class InplaceGELUFunction(torch.autograd.Function):
-    """GELU that saves its output y (shape of x) and the packed branch bits (uint8, ceil(n / 8))."""
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, x: torch.Tensor, approximate: str) -> torch.Tensor:
+
+@torch.library.custom_op(f"{LIB}::inplace_gelu_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(GELU(x) contiguous, packed branch bits uint8 [ceil(n / 8)])``."""
+    with _no_autocast(x):
         if _kernel_path(x):
             from tempo_ds.kernels import gelu as kernel
 
             y, packed = kernel.forward(x, approximate)
-        else:
-            y = F.gelu(x, approximate=approximate)
-            packed = pack_bits(x >= branch_threshold(approximate, x.dtype), 1)
-        ctx.approximate = approximate
-        ctx.save_for_backward(y, packed)
-        return y
+            return y.view(x.shape), packed
+        # F.gelu itself (an out= into another layout can take another, differently rounding CPU loop);
+        # a non-contiguous x costs one copy so the output's layout is known to the fake implementation
+        y = F.gelu(x, approximate=approximate).contiguous()
+        return y, pack_bits(x >= branch_threshold(approximate, x.dtype), 1)
 
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, dy: torch.Tensor):
-        y, packed = ctx.saved_tensors
+
+@_fwd.register_fake
+def _(x, approximate):
+    return x.new_empty(x.shape), x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{LIB}::inplace_gelu_bwd", mutates_args=())
+def _bwd(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``dy * GELU'(GELU^-1(y))`` on the branch in ``packed``: y's shape and dtype, contiguous."""
+    with _no_autocast(y):
         if _kernel_path(y):
             from tempo_ds.kernels import gelu as kernel
 
-            return kernel.backward(y, packed, dy, ctx.approximate), None
-        return _grad_from_output(y, packed, dy, ctx.approximate).view(y.shape), None
+            return kernel.backward(y, packed, dy, approximate).view(y.shape)
+        return _grad_from_output(y, packed, dy, approximate).view(y.shape)
+
+
+@_bwd.register_fake
+def _(y, packed, dy, approximate):
+    return y.new_empty(y.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.approximate = inputs[1]
+    ctx.save_for_backward(*output)  # y (shared with the next Linear) and the packed bits
+
+
+def _backward(ctx, dy, _dbits):
+    y, packed = ctx.saved_tensors
+    return _bwd(y, packed, dy, ctx.approximate), None
+
+
+torch.library.register_autograd(f"{LIB}::inplace_gelu_fwd", _backward, setup_context=_setup_context)
 
 
 def inplace_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -300,4 +333,4 @@ def inplace_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     check_approximate(approximate)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.gelu(x, approximate=approximate)
-    return InplaceGELUFunction.apply(x, approximate)
+    return _fwd(x, approximate)[0]

@@ -16,52 +16,26 @@ the parameters' dtype, as autograd does for the autocast copies).
 
 Saved for backward: n * element size of x (n = x.numel()) -- the bytes of in-place GELU's saved output,
 without its 1-bit mask -- at the cost of one GELU evaluation in backward.
+
+Custom ops ``tempo_ds::gelu_linear_fwd(x, weight, bias, approximate, transposed, compute_dtype)`` and
+``tempo_ds::gelu_linear_bwd(...) -> [dx, dweight, dbias]`` (an empty tensor for a gradient not needed),
+with fake implementations, joined by ``register_autograd``. Autocast is resolved in the wrapper into
+``compute_dtype`` (``_library.autocast_dtype``); both ops run with autocast off and cast the matmul
+operands themselves, as autocast would (float64 stays). The weight and bias reach the op uncast and are
+saved as the Parameter objects; a ZeRO-3 partitioned weight is gathered inside the backward op.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._autocast import custom_bwd, custom_fwd
+from ._library import LIB, autocast_dtype
 from ._zero import gathered
 from .gelu import check_approximate
 
-__all__ = ["gelu_linear", "GeluLinearFunction"]
-
-
-class GeluLinearFunction(torch.autograd.Function):
-    """``F.linear(F.gelu(x), weight, bias)`` saving x [..., in], weight [out, in] (or [in, out] when
-    ``transposed``) and bias [out]."""
-
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
-                transposed: bool = False):
-        out = _linear(F.gelu(x, approximate=approximate), weight, bias, transposed)
-        ctx.approximate, ctx.transposed = approximate, transposed
-        ctx.save_for_backward(x, weight, bias)
-        return out
-
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, dout: torch.Tensor):
-        x, weight, bias = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dweight = dbias = None
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        with gathered(weight, bias):
-            if need_w:
-                h = F.gelu(x, approximate=ctx.approximate).to(dout.dtype)
-                h2 = h.reshape(-1, h.shape[-1])
-                dweight = (h2.t() @ dout2 if ctx.transposed else dout2.t() @ h2).to(weight.dtype)
-            if need_x:
-                w = weight.to(dout.dtype)
-                dh = (dout @ (w.t() if ctx.transposed else w)).to(x.dtype)
-                dx = torch.ops.aten.gelu_backward(dh, x, approximate=ctx.approximate)
-        if need_b:
-            dbias = dout2.sum(0).to(bias.dtype)
-        return dx, dweight, dbias, None, None
+__all__ = ["gelu_linear"]
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -72,6 +46,86 @@ def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
     return out.view(*h.shape[:-1], weight.shape[-1])
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """As autocast casts a matmul operand: floating tensors to ``dtype``, float64 left alone."""
+    if t is None or dtype is None or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return dtype if compute_dtype is None or dtype == torch.float64 else compute_dtype
+
+
+@torch.library.custom_op(f"{LIB}::gelu_linear_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, transposed: bool,
+         compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with _no_autocast(x):
+        h = _cast(F.gelu(x, approximate=approximate), compute_dtype)
+        return _linear(h, _cast(weight, compute_dtype), _cast(bias, compute_dtype), transposed)
+
+
+@_fwd.register_fake
+def _(x, weight, bias, approximate, transposed, compute_dtype):
+    out = weight.shape[-1] if transposed else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], out), dtype=_out_dtype(x, weight, compute_dtype))
+
+
+@torch.library.custom_op(f"{LIB}::gelu_linear_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str,
+         transposed: bool, compute_dtype: Optional[torch.dtype], needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dweight, dbias]; an empty tensor for each gradient ``needs`` leaves out. The operations and
+    roundings of autograd's GELU then Linear, with the matmuls in ``compute_dtype`` under autocast."""
+    need_x, need_w, need_b = needs
+    dx, dweight, dbias = (dout.new_empty(0) for _ in range(3))
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    with _no_autocast(dout), gathered(weight, bias):
+        if need_w:
+            h = _cast(F.gelu(x, approximate=approximate), compute_dtype).to(dout.dtype)
+            h2 = h.reshape(-1, h.shape[-1])
+            dweight = (h2.t() @ dout2 if transposed else dout2.t() @ h2).to(weight.dtype)
+        if need_x:
+            w = _cast(weight, compute_dtype).to(dout.dtype)
+            dh = (dout @ (w.t() if transposed else w)).to(x.dtype)
+            dx = torch.ops.aten.gelu_backward(dh, x, approximate=approximate)
+        if need_b:
+            # CUDA autocast sums in float32 (``sum`` is on its float32 list)
+            wide = compute_dtype is not None and dout.is_cuda and dout.dtype != torch.float64
+            dbias = dout2.sum(0, dtype=torch.float32 if wide else None).to(bias.dtype)
+    return [dx, dweight, dbias]
+
+
+@_bwd.register_fake
+def _(dout, x, weight, bias, approximate, transposed, compute_dtype, needs):
+    need_x, need_w, need_b = needs
+    empty = dout.new_empty(0)
+    return [x.new_empty(x.shape) if need_x else empty, weight.new_empty(weight.shape) if need_w else empty,
+            bias.new_empty(bias.shape) if need_b and bias is not None else dout.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, approximate, transposed, compute_dtype = inputs
+    ctx.approximate, ctx.transposed, ctx.compute_dtype = approximate, transposed, compute_dtype
+    ctx.save_for_backward(x, weight, bias)  # x only: weight and bias are the Parameter objects
+
+
+def _backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    dx, dweight, dbias = _bwd(dout, x, weight, bias, ctx.approximate, ctx.transposed, ctx.compute_dtype,
+                              [need_x, need_w, need_b])
+    return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None, None, None, None)
+
+
+torch.library.register_autograd(f"{LIB}::gelu_linear_fwd", _backward, setup_context=_setup_context)
+
+
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 approximate: str = "none", *, transposed: bool = False) -> torch.Tensor:
     """``F.linear(F.gelu(x, approximate), weight, bias)`` keeping only x for backward (GELU recomputed).
@@ -80,4 +134,4 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if not (torch.is_grad_enabled() and needs_grad):
         return _linear(F.gelu(x, approximate=approximate), weight, bias, transposed)
-    return GeluLinearFunction.apply(x, weight, bias, approximate, transposed)
+    return _fwd(x, weight, bias, approximate, transposed, autocast_dtype(x))
