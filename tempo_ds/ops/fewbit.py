@@ -42,6 +42,11 @@ per element - asserted with the meter in tests/test_fewbit_op.py.
 The PyTorch path works on any device and runs in chunks of ``CHUNK`` elements, which bounds its
 temporaries; it packs with uint8 / int32 arithmetic into exactly the layout of
 ``tempo_ds.ops._bits.pack_bits``. The Triton path handles fp16/bf16/fp32 on CUDA.
+
+Custom ops: ``tempo_ds::fewbit_fwd(x, name, bits, borders, levels, band, nan_code) -> (y, packed)`` and
+``tempo_ds::fewbit_bwd(grad, packed, levels, bits) -> grad_in``, the table passed as lists of floats, with
+fake implementations, joined by ``register_autograd``; both run with autocast off (the activation is
+computed in x's dtype, as the ``torch.nn`` modules are on CPU). The output is always contiguous.
 """
 from __future__ import annotations
 
@@ -52,9 +57,9 @@ from typing import NamedTuple
 import torch
 
 from tempo_ds.fewbit import functions, tables
-from tempo_ds.ops._autocast import custom_bwd, custom_fwd
 from tempo_ds.ops._bits import packed_nbytes
 from tempo_ds.ops._dispatch import use_triton
+from tempo_ds.ops._library import LIB
 
 __all__ = ["fewbit", "FewBitFunction", "FewBitSpec", "resolve", "reference_backward"]
 
@@ -244,23 +249,63 @@ def reference_backward(grad: torch.Tensor, x: torch.Tensor, spec: FewBitSpec) ->
     return torch.where(level == 0, torch.zeros_like(product), product).to(grad.dtype)
 
 
-class FewBitFunction(torch.autograd.Function):
-    """y = f(x) exactly; backward grad_out * level[code(x)]. x, y: any shape; saves packed codes [ceil(n b / 8)]."""
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, x: torch.Tensor, spec: FewBitSpec) -> torch.Tensor:
-        y, packed = _forward(x, spec, save=True)
-        ctx.save_for_backward(packed)
-        ctx.spec = spec
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @custom_bwd
-    def backward(ctx, grad: torch.Tensor):
-        (packed,) = ctx.saved_tensors
-        return _backward(grad, packed, ctx.spec), None
+def _spec(name, bits, borders, levels, band, nan_code) -> FewBitSpec:
+    return FewBitSpec(name, bits, tuple(borders), tuple(levels), band, nan_code)
+
+
+@torch.library.custom_op(f"{LIB}::fewbit_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, name: str, bits: int, borders: list[float], levels: list[float], band: bool,
+         nan_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(x) contiguous, packed codes uint8 [ceil(n * bits / 8)])``."""
+    with _no_autocast(x):
+        y, packed = _forward(x, _spec(name, bits, borders, levels, band, nan_code), save=True)
+        return y.contiguous(), packed
+
+
+@_fwd.register_fake
+def _(x, name, bits, borders, levels, band, nan_code):
+    return x.new_empty(x.shape), x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{LIB}::fewbit_bwd", mutates_args=())
+def _bwd(grad: torch.Tensor, packed: torch.Tensor, levels: list[float], bits: int) -> torch.Tensor:
+    """``grad * level[code]`` (an exact 0 where the level is 0): grad's shape and dtype, contiguous."""
+    with _no_autocast(grad):
+        return _backward(grad, packed, FewBitSpec("", bits, (), tuple(levels), False, 0)).contiguous()
+
+
+@_bwd.register_fake
+def _(grad, packed, levels, bits):
+    return grad.new_empty(grad.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.levels, ctx.bits = inputs[4], inputs[2]
+    ctx.save_for_backward(output[1])  # the packed codes only
+
+
+def _grad(ctx, grad, _dpacked):
+    (packed,) = ctx.saved_tensors
+    return _bwd(grad, packed, ctx.levels, ctx.bits), None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{LIB}::fewbit_fwd", _grad, setup_context=_setup_context)
+
+
+def _apply(x: torch.Tensor, spec: FewBitSpec) -> torch.Tensor:
+    """The custom op on ``x``: ``f(x)``, keeping the packed codes when autograd records it."""
+    return _fwd(x, spec.name, spec.bits, list(spec.borders), list(spec.levels), spec.band, spec.nan_code)[0]
+
+
+class FewBitFunction:
+    """``FewBitFunction.apply(x, spec)``: ``f(x)`` through the custom op (kept for callers of the former
+    autograd Function); saves the packed codes [ceil(n b / 8)] only."""
+
+    apply = staticmethod(_apply)
 
 
 def fewbit(x: torch.Tensor, name: str, bits: int = 2, table=None) -> torch.Tensor:
@@ -272,5 +317,5 @@ def fewbit(x: torch.Tensor, name: str, bits: int = 2, table=None) -> torch.Tenso
     """
     spec = resolve(name, bits, table)
     if torch.is_grad_enabled() and x.requires_grad:
-        return FewBitFunction.apply(x, spec)
+        return _apply(x, spec)
     return _forward(x, spec, save=False)[0]
