@@ -121,7 +121,8 @@ def test_command_line_overrides_the_config_section(train_cli):
     for found in train_cli:
         for stage in (2, 3):
             assert found[f"resume{stage}"]["techniques"] == {"gelu": "inplace", "silu": "off", "mlp": "recompute",
-                                                            "norm": "inplace", "attention": "lean", "dropout": "seed"}
+                                                            "norm": "inplace", "attention": "lean", "dropout": "seed",
+                                                            "lm_loss": "chunked"}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -518,7 +519,7 @@ def test_rng_state_refuses_missing_foreign_or_code_carrying_files(tmp_path, caps
 def test_bench_command_runs_both_cases_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, "-m", "tempo_ds.bench_deepspeed", "--layers", "2",
+    run = subprocess.run([sys.executable, "-m", "tempo_ds.bench.engines", "--layers", "2",
                           "--seq", "16", "--batch", "1", "--steps", "1", "--json", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -1,10 +1,10 @@
-"""bench/gpu.py in --smoke mode (tiny sizes, the kernels under Triton's interpreter, derived memory): it runs,
+"""tempo-ds bench-gpu (tempo_ds.bench.gpu) in --smoke mode (tiny sizes, the kernels under Triton's interpreter, derived memory): it runs,
 writes gpu.json and gpu.md with every row and field, its figures agree with each other and the Triton path
 really ran the kernels; plus its error paths (a failing op, a broken install) and the report of a search cut
 short."""
 import copy
 import dataclasses
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+MODULE = "tempo_ds.bench.gpu"
 OPS = ["inplace_gelu", "inplace_gelu tanh", "gelu_linear", "inplace_layer_norm", "inplace_rms_norm",
        "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"]
 NOT_COMPARABLE = {"attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"}  # other masks / table
@@ -30,19 +30,14 @@ RUNS = ["HF eager", "HF sdpa", "tempo_ds"]
 
 
 def load_script():
-    """bench/gpu.py as the module ``bench_gpu`` (registered first: its dataclass looks its module up)."""
-    if "bench_gpu" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-        sys.modules["bench_gpu"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_gpu"])
-    return sys.modules["bench_gpu"]
+    return importlib.import_module(MODULE)
 
 
 def run_script(out: Path, *args: str, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}  # the CPU, even on a GPU host
     for name in ("TRITON_INTERPRET", "TEMPO_DS_TRITON"):  # the script sets the first itself without CUDA
         env.pop(name, None)
-    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", MODULE, "--smoke", "--out", str(out), *args], capture_output=True,
                           text=True, env=env, timeout=300)
 
 

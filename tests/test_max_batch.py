@@ -11,7 +11,7 @@ import torch
 
 from tempo_ds import presets
 from tempo_ds.bench.max_batch import TRIAL_KEYS, binary_search, largest_micro_batch, run_trial
-from tempo_ds.bench.trial import MODEL_STATE_BYTES_PER_PARAM
+from tempo_ds.bench.trial import STATE_BYTES_PER_PARAM
 from tempo_ds.data import load_tokenizer, sample_batch
 from tempo_ds.inject import inject
 from tempo_ds.memory import SavedTensorMeter
@@ -62,7 +62,7 @@ def derived_peaks():
     model = presets.build_model("bert", "tiny", vocab_size=len(tok), max_seq=SPEC["seq"], attn="eager")
     inject(model, {})
     model.train()
-    states = MODEL_STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+    states = STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
     peaks = {}
     for batch in range(1, 7):
         inputs = sample_batch("bert", tok, SPEC["seq"], batch, seed=0)
@@ -78,7 +78,7 @@ def test_trial_process_reports_the_derived_peak(derived_peaks, monkeypatch):
     r = run_trial(SPEC, 2, device="cpu")
     assert r["method"] == "derived" and r["device"] == "cpu" and r["fits"] and not r["oom"]
     assert "alloc_retries" not in r  # a CUDA allocator figure
-    assert r["peak_bytes"] == MODEL_STATE_BYTES_PER_PARAM * r["params"] + r["saved_bytes"] == derived_peaks[2]
+    assert r["peak_bytes"] == STATE_BYTES_PER_PARAM * r["params"] + r["saved_bytes"] == derived_peaks[2]
     assert r["tokens_per_s"] == pytest.approx(2 * SPEC["seq"] / r["step_s"])
 
 

@@ -1,6 +1,6 @@
 """DeepSpeed benchmark: a plain and a tempo_ds engine side by side in one run, per ZeRO case.
 
-    python -m tempo_ds.bench_deepspeed [--cases zero2 zero3-ckpt2] [--seq 128] [--steps 8] [--json PATH]
+    tempo-ds bench-deepspeed [--cases zero2 zero3-ckpt2] [--seq 128] [--steps 8] [--json PATH]
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from .config import SECTION
-from .deepspeed_integration import _rank, deepspeed_activation_checkpointing, initialize
+from ..config import SECTION
+from ..deepspeed_integration import _rank, deepspeed_activation_checkpointing, initialize
 
 BENCH_CASES = {
     "zero2": {"stage": 2, "checkpoint_every": 0},
@@ -34,7 +34,7 @@ def _bench_ds_config(stage: int, micro_batch: int) -> dict:
 
 
 def _bench_model(stage: int, ds_config: dict, seq: int, layers: int | None, seed: int):
-    from .presets import build_model
+    from ..presets import build_model
 
     return build_model("bert", "base", seed=seed, vocab_size=8192, max_seq=seq, layers=layers,
                        zero3_config=ds_config if stage == 3 else None)
@@ -42,7 +42,7 @@ def _bench_model(stage: int, ds_config: dict, seq: int, layers: int | None, seed
 
 def _bench_case(name: str, seq: int, micro_batch: int, steps: int, layers: int | None, seed: int) -> dict:
     """One side-by-side case: a plain and a tempo_ds engine on the same model, batch and seed."""
-    from .memory import SavedTensorMeter
+    from ..memory import SavedTensorMeter
 
     case = BENCH_CASES[name]
     ds_config = _bench_ds_config(case["stage"], micro_batch)
@@ -122,14 +122,14 @@ def _bench_worker(opts) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tempo_ds.bench_deepspeed [--cases zero2 zero3-ckpt2] [--seq 128] ...``
+    """``tempo-ds bench-deepspeed [--cases zero2 zero3-ckpt2] [--seq 128] ...``
 
     BERT-base (12 x 768) under DeepSpeed on 2 ranks (gloo on CPU), bf16, AdamW: bytes saved for backward per
     layer (meter, first step) and median step time, baseline and tempo_ds engines side by side in one run
     (steps interleaved). ``zero2``: ZeRO-2; ``zero3-ckpt2``: ZeRO-3 under ``zero.Init`` with DeepSpeed
     activation checkpointing on every other layer. Starts ``deepspeed --num_gpus N`` on itself unless
     already running under a launcher."""
-    parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench_deepspeed", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="tempo-ds bench-deepspeed", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=tuple(BENCH_CASES), default=list(BENCH_CASES))
     parser.add_argument("--seq", type=int, default=128)
@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if "LOCAL_RANK" in os.environ:
         return _bench_worker(opts)
-    from .pretrain.spawn import free_port
+    from ..pretrain.spawn import free_port
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(opts.ranks),
-           "--master_port", str(free_port()), "--module", "tempo_ds.bench_deepspeed", *argv]
+           "--master_port", str(free_port()), "--module", "tempo_ds.bench.engines", *argv]
     return subprocess.call(cmd)
 
 

@@ -1,7 +1,9 @@
 """GPU benchmark of tempo_ds: one script, under 8 minutes on one H200, to run whenever a GPU is available.
 
-    python bench/gpu.py --out $OUT          # CUDA; writes gpu.json and gpu.md, prints the Markdown
-    python bench/gpu.py --smoke --out DIR   # tiny sizes on the CPU (Triton's interpreter): the test
+    tempo-ds bench-gpu --out $OUT           # CUDA; writes gpu.json and gpu.md, prints the Markdown
+    tempo-ds bench-gpu --smoke --out DIR    # tiny sizes on the CPU (Triton's interpreter): the test
+
+(``python -m tempo_ds.bench.gpu`` is the same; docs/gpu-bench.md says how to run it on a lent GPU machine.)
 
 Before anything runs, triton and the kernel modules of ``tempo_ds.kernels`` must import.
 
@@ -56,8 +58,8 @@ GPU = {"kernel_dtype": "bf16", "rows": 16384, "hidden": 1024, "inter": 4096, "at
        "seq": 512, "equal_batch": 8, "max_batch": 4096, "warmup_steps": 2, "steps": 2}
 SMOKE = {"kernel_dtype": "fp16", "rows": 32, "hidden": 128, "inter": 256, "attn": (1, 2, 64, 32),
          "warmup": 0, "reps": 1, "passes": 1, "models": [("BERT tiny", "bert", "tiny"), ("GPT-2 tiny", "gpt2", "tiny")],
-         "seq": 64, "equal_batch": 2, "max_batch": 16, "warmup_steps": 1, "steps": 1}
-SMOKE_BUDGET_GIB = 0.04
+         "seq": 64, "equal_batch": 2, "max_batch": 256, "warmup_steps": 1, "steps": 1}
+SMOKE_BUDGET_GIB = 0.035
 DROPOUT_P = 0.1
 VARIANTS = {"HF eager": ("eager", None), "HF sdpa": ("sdpa", None), "tempo_ds": ("eager", {})}  # (attn, tempo)
 BASELINE = "HF eager"
@@ -67,7 +69,7 @@ KERNEL_ENTRY_POINTS = {"gelu": ("forward", "backward"), "layer_norm": ("norm_for
                        "attention": ("attention_forward", "attention_backward"), "dropout": ("apply_seed_mask",),
                        "fewbit": ("forward", "backward")}
 INSTALL_HINT = ("the repository's kernels/ folder becomes tempo_ds.kernels only once installed: run "
-                "`pip install --no-deps --no-build-isolation -e .` in the repository first (bench/README.md)")
+                "`pip install --no-deps --no-build-isolation -e .` in the repository first (docs/gpu-bench.md)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -590,7 +592,7 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
            "transformers": _version("transformers"), "tempo_ds_triton": os.environ.get("TEMPO_DS_TRITON"),
            "smoke": args.smoke, "budget_s": args.budget_s,
-           "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": "tempo-ds bench-gpu " + " ".join(sys.argv[1:] if argv is None else argv),
            "elapsed_s": 0.0, "notes": notes,
            "kernels": {"dtype": cfg["kernel_dtype"], "passes": cfg["passes"], "rows": [],
                        "sizes": {k: cfg[k] for k in ("rows", "hidden", "inter", "attn")}},

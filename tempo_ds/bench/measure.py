@@ -8,11 +8,9 @@ import torch
 
 from .. import presets
 from ..profile import Profile, measure
+from .max_batch import largest_micro_batch
+from .trial import STATE_BYTES_PER_PARAM
 from .variants import Variant, applied
-
-# Bytes of model state per parameter in mixed-precision AdamW training: bf16/fp16 weight and gradient (2 + 2)
-# plus fp32 master weight, Adam m and v (4 + 4 + 4); in fp32 training weight, gradient, m and v (4 x 4).
-STATE_BYTES_PER_PARAM = 16
 
 
 def activation_profile(model, variant: Variant, batch: dict, *, arch: str, size: str, dtype: str,
@@ -97,8 +95,6 @@ def measured_micro_batch(spec: dict, budget_bytes: int, device: torch.device) ->
     subprocess per trial, peak of ``torch.cuda.max_memory_allocated`` (``tempo_ds.bench.max_batch``). Trials run
     with fp32 master weights under autocast; this process's cached blocks are released first. A failed search
     is reported (``batch`` None, ``error``), not raised, so the other variants still run."""
-    from .max_batch import largest_micro_batch
-
     torch.cuda.empty_cache()
     try:
         return largest_micro_batch(spec, budget_bytes, device=str(device))

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .memory import SavedTensorMeter
-from .presets import DTYPES
+from .. import ops
+from ..memory import SavedTensorMeter
+from ..presets import DTYPES
 
 
 @dataclass

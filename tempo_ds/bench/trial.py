@@ -29,7 +29,9 @@ import json
 import sys
 import time
 
-from .measure import STATE_BYTES_PER_PARAM as MODEL_STATE_BYTES_PER_PARAM
+# Bytes of model state per parameter in mixed-precision AdamW training: bf16/fp16 weight and gradient (2 + 2)
+# plus fp32 master weight, Adam m and v (4 + 4 + 4); in fp32 training weight, gradient, m and v (4 x 4).
+STATE_BYTES_PER_PARAM = 16
 
 SPEC_KEYS = ("arch", "size", "seq", "dtype", "attn", "layers", "tempo")
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
@@ -128,7 +130,7 @@ def run_trial(spec: dict, batch: int, *, warmup: int = 2, steps: int = 1, device
         result.update(method="measured", peak_bytes=torch.cuda.max_memory_allocated(dev),
                       reserved_bytes=torch.cuda.max_memory_reserved(dev), **allocator_counts(dev))
     else:
-        result.update(method="derived", peak_bytes=MODEL_STATE_BYTES_PER_PARAM * params + meter.total_bytes)
+        result.update(method="derived", peak_bytes=STATE_BYTES_PER_PARAM * params + meter.total_bytes)
     return result
 
 
