@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__, presets
@@ -74,7 +75,7 @@ def _add_bench_ops(sub) -> None:
 def _run_bench_ops(args) -> int:
     import torch
 
-    from .bench_ops import dump_json, markdown, run
+    from .bench.ops import dump_json, markdown, run
 
     for name in ("tokens", "hidden", "heads", "seq", "reps"):
         if getattr(args, name) < 1:
@@ -92,6 +93,13 @@ def _run_bench_ops(args) -> int:
     return 0
 
 
+def _add_passthrough(sub, name: str, module: str, help: str) -> None:
+    """A sub-command that hands its arguments to ``module``'s own ``main(argv)`` (its --help lists them)."""
+    p = sub.add_parser(name, help=help, add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: importlib.import_module(module).main(args.args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempo-ds", description="Memory-lean transformer training tools.")
     parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
@@ -100,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     _add_profile(sub)
     _add_bench_ops(sub)
+    _add_passthrough(sub, "bench-gpu", "tempo_ds.bench.gpu",
+                     "the GPU benchmark: kernels vs PyTorch paths, models' peak memory, tokens/s, largest batch")
+    _add_passthrough(sub, "bench-deepspeed", "tempo_ds.bench.engines",
+                     "plain vs tempo_ds DeepSpeed engines on 2 ranks: bytes per layer and step time per ZeRO case")
     add_fewbit_tables(sub)
     return parser
 
