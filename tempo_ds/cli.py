@@ -93,11 +93,12 @@ def _run_bench_ops(args) -> int:
     return 0
 
 
+# sub-commands that hand all their arguments to a module's own ``main(argv)`` (its --help lists them)
+PASSTHROUGH = {"bench-gpu": "tempo_ds.bench.gpu", "bench-deepspeed": "tempo_ds.bench.engines"}
+
+
 def _add_passthrough(sub, name: str, module: str, help: str) -> None:
-    """A sub-command that hands its arguments to ``module``'s own ``main(argv)`` (its --help lists them)."""
-    p = sub.add_parser(name, help=help, add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: importlib.import_module(module).main(args.args))
+    sub.add_parser(name, help=help, add_help=False)  # listed in --help; main() forwards its arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
