@@ -94,11 +94,12 @@ def _run_bench_ops(args) -> int:
 
 
 # sub-commands that hand all their arguments to a module's own ``main(argv)`` (its --help lists them)
-PASSTHROUGH = {"bench-gpu": "tempo_ds.bench.gpu", "bench-deepspeed": "tempo_ds.bench.engines"}
-
-
-def _add_passthrough(sub, name: str, module: str, help: str) -> None:
-    sub.add_parser(name, help=help, add_help=False)  # listed in --help; main() forwards its arguments
+PASSTHROUGH = {
+    "bench-gpu": ("tempo_ds.bench.gpu",
+                  "the GPU benchmark: kernels vs PyTorch paths, models' peak memory, tokens/s, largest batch"),
+    "bench-deepspeed": ("tempo_ds.bench.engines",
+                        "plain vs tempo_ds DeepSpeed engines on 2 ranks: bytes per layer and step time per ZeRO case"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,10 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     _add_profile(sub)
     _add_bench_ops(sub)
-    _add_passthrough(sub, "bench-gpu", "tempo_ds.bench.gpu",
-                     "the GPU benchmark: kernels vs PyTorch paths, models' peak memory, tokens/s, largest batch")
-    _add_passthrough(sub, "bench-deepspeed", "tempo_ds.bench.engines",
-                     "plain vs tempo_ds DeepSpeed engines on 2 ranks: bytes per layer and step time per ZeRO case")
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed here; main() forwards their arguments
     add_fewbit_tables(sub)
     return parser
 
@@ -120,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
-        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
