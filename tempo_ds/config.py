@@ -62,6 +62,12 @@ class TempoConfig(_Strict):
                tempo     Tempo's dropout recomputation: save the softmax output and a 1-bit mask
                off       the model's own attention
     dropout    seed | off  dropout that regenerates its mask from a seed instead of storing it
+    lm_loss    chunked   LM head + cross-entropy in tiles of tokens x vocabulary, logits recomputed in backward:
+                         keeps a float32 log-sum-exp per token instead of the float32 log-softmax (exact;
+                         causal LMs and BERT/RoBERTa MLM, see ``tempo_ds.lm_loss``). In training mode with
+                         labels ``outputs.logits`` is None; ``with tempo_ds.lm_loss.full_logits(model):``
+                         gives a forward with logits
+               off       transformers' own head and loss
     skip       module-name patterns (fnmatch) that injection leaves alone
     """
 
@@ -72,6 +78,7 @@ class TempoConfig(_Strict):
     norm: Literal["inplace", "off"] = "inplace"
     attention: Literal["lean", "tempo", "off"] = "lean"
     dropout: Literal["seed", "off"] = "seed"
+    lm_loss: Literal["chunked", "off"] = "chunked"
     attention_block_size: int | None = Field(default=None, ge=1)
     fewbit: FewBitConfig = Field(default_factory=FewBitConfig)
     skip: list[str] = Field(default_factory=list)
@@ -107,7 +114,7 @@ class TempoConfig(_Strict):
 
     def techniques(self) -> dict[str, str]:
         """The technique switches, for reports."""
-        return {k: getattr(self, k) for k in ("gelu", "silu", "mlp", "norm", "attention", "dropout")}
+        return {k: getattr(self, k) for k in ("gelu", "silu", "mlp", "norm", "attention", "dropout", "lm_loss")}
 
 
 def deepspeed_section(ds_config: dict | str | os.PathLike | None) -> dict | None:

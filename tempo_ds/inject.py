@@ -136,10 +136,14 @@ def _apply(model: nn.Module, plan: Plan, cfg: TempoConfig) -> InjectionReport:
         before = model.config._attn_implementation
         model.set_attn_implementation(plan.attention)
         attention = (before, model.config._attn_implementation)
-    report = InjectionReport(plan.policy, cfg, plan.swaps, plan.skips, attention, _notes(model), _model=model)
+    for patch in plan.patches:
+        patch.apply(model)
+    notes = _notes(model) + [patch.note for patch in plan.patches if getattr(patch, "note", None)]
+    report = InjectionReport(plan.policy, cfg, plan.swaps, plan.skips, attention, notes, _model=model)
     # A plain attribute (not a submodule): the originals share their Parameters with the replacements and
     # must not appear twice in parameters() or state_dict().
-    object.__setattr__(model, _STATE, {"originals": originals, "attention": attention, "report": report})
+    object.__setattr__(model, _STATE, {"originals": originals, "attention": attention, "report": report,
+                                       "patches": plan.patches})
     return report
 
 
@@ -157,6 +161,8 @@ def revert(model: nn.Module) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         return model
+    for patch in reversed(state.get("patches", ())):
+        patch.undo(model)
     for name, module in state["originals"].items():
         write_back = getattr(model.get_submodule(name), "write_back", None)
         if callable(write_back):  # a replacement with Parameters of its own hands their values back

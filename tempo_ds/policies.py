@@ -47,6 +47,7 @@ class Plan:
     swaps: list[Swap] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     attention: str | None = None  # the transformers attention implementation to select
+    patches: list = field(default_factory=list)  # model-level changes: apply(model), undo(model), note
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -92,6 +93,9 @@ class Policy:
             step = self._plan_module(name, module, cfg, pairs, plan)
             if step:
                 claimed.add(name)
+        from .lm_loss import plan_lm_loss
+
+        plan_lm_loss(model, cfg, plan, skip)
         plan.attention = self._plan_attention(model, cfg, plan)
         return plan
 

@@ -9,7 +9,7 @@ from tempo_ds.config import TempoConfig, TempoConfigError, deepspeed_section
 def test_defaults_and_overrides():
     cfg = TempoConfig.build()
     assert cfg.techniques() == {"gelu": "recompute", "silu": "off", "mlp": "recompute", "norm": "inplace",
-                                "attention": "lean", "dropout": "seed"}
+                                "attention": "lean", "dropout": "seed", "lm_loss": "chunked"}
     assert TempoConfig.build({"gelu": "inplace"}, gelu="fewbit").gelu == "fewbit"
     assert TempoConfig.build(cfg, norm="off").norm == "off" and cfg.norm == "inplace"
 

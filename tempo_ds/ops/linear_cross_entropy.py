@@ -1,0 +1,251 @@
+"""LM head + cross-entropy that keeps no ``[tokens, vocabulary]`` tensor for backward (exact).
+
+Forward, for ``N`` tokens with hidden states ``h`` [N, H], head weight ``W`` [V, H], optional bias ``b`` [V] and
+labels ``y`` [N]; the logits are computed tile by tile (token chunk x vocabulary block) and never stored whole::
+
+    z   = h @ W^T + b                       (in the matmul dtype, like nn.Linear, then float32)
+    z   = s * z                             (logit_scale s: Cohere's logit_scale, 1 / Granite's logits_scaling)
+    z   = c * tanh(z / c)                   (softcap c: Gemma 2's final_logit_softcapping)
+    lse = log(sum_v exp(z_v))               (online over vocabulary blocks: logaddexp of each block's logsumexp)
+    loss_i = lse_i - z_{i, y_i}, or 0 where y_i == ignore_index
+
+Backward (``g_i`` the gradient of ``loss_i``, zero for ignored tokens; each tile's logits recomputed)::
+
+    dz  = (softmax(z) - onehot(y)) * g      softmax(z) = exp(z - lse), from the saved lse
+    dz  = dz * (1 - tanh(z_s / c)^2) * s    through the softcap and the scale
+    dh  = dz @ W        dW = dz^T @ h        db = sum_i dz
+
+Saved for backward: ``h`` itself (in a model, the final norm's output, which that norm keeps anyway), the
+weight and bias Parameter objects, the labels and one float32 log-sum-exp per token: ``4 N`` bytes beyond
+what the model keeps already, instead of PyTorch's ``4 N V`` bytes of float32 log-softmax.
+
+Cost: one extra logits matmul (the recompute in backward), i.e. 4 instead of 3 ``N x H x V`` matmuls.
+
+Tiles: a tile is ``rows x cols`` logits; by default at most ``TILE_ELEMENTS`` = 2^23 (32 MiB in float32; the
+tile's transients -- the matmul output, exp, the softcap's tanh and the compute-dtype gradient -- stay under
+about 100 MiB) with at least ``MIN_COLS`` vocabulary columns, so a few thousand tokens make one token chunk.
+The backward loops over vocabulary blocks outermost: each block of ``dW`` is one matmul over the whole token
+chunk (rounded once, as autograd's ``dW`` is); with several token chunks the block is accumulated in float32.
+``dh`` is accumulated in float32 over vocabulary blocks (an ``N x H`` float32 transient) and rounded once.
+
+Precision: the logits are rounded to the matmul dtype (as ``nn.Linear``'s output is), then everything runs in
+float32 (float64 for float64 inputs): scale, softcap and softmax are never rounded to bf16, so a bf16 model
+errs less than HF's, which applies them in bf16.
+
+A label outside ``[0, V)`` that is not ``ignore_index`` gives a NaN loss for its token (PyTorch raises, which
+needs a host sync; this op never reads a device value on the host).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._library import autocast_dtype
+from ._zero import gathered
+
+__all__ = ["linear_cross_entropy", "tile_shape", "TILE_ELEMENTS", "MIN_COLS", "REDUCTIONS"]
+
+TILE_ELEMENTS = 1 << 23
+MIN_COLS = 2048
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tile_shape(n_tokens: int, vocab: int, rows: int | None = None, cols: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of the logits tiles for ``n_tokens`` x ``vocab``: explicit values win, else at most
+    ``TILE_ELEMENTS`` per tile with at least ``MIN_COLS`` columns (or the whole vocabulary)."""
+    cols = cols or min(vocab, max(MIN_COLS, TILE_ELEMENTS // max(n_tokens, 1)))
+    rows = rows or max(1, TILE_ELEMENTS // cols)
+    return max(1, min(rows, n_tokens)), max(1, min(cols, vocab))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c0: int, c1: int,
+            compute: torch.dtype, acc: torch.dtype, softcap: float | None, scale: float | None):
+    """One tile's logits in ``acc`` (and tanh(z / softcap) for the softcap's derivative, else None)."""
+    b = None if bias is None else bias[c0:c1].to(compute)
+    z = F.linear(h, weight[c0:c1].to(compute), b).to(acc)
+    if scale is not None:
+        z = z * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+def _label_column(labels: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each label falls in columns [c0, c1), its column inside the block clamped into range)."""
+    inside = (labels >= c0) & (labels < c1)
+    return inside, (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+
+
+@torch.library.custom_op("tempo_ds::linear_cross_entropy_fwd", mutates_args=())
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+             ignore_index: int, softcap: Optional[float], scale: Optional[float],
+             compute_dtype: Optional[torch.dtype], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss [N], log-sum-exp [N]), both float32 (float64 for float64 compute)."""
+    compute = compute_dtype or hidden.dtype
+    acc = _acc(compute)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lse = hidden.new_full((n,), float("-inf"), dtype=acc)
+    target = hidden.new_zeros((n,), dtype=acc)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            h, y = hidden[r0:r1].to(compute), labels[r0:r1]
+            for c0 in range(0, vocab, cols):
+                c1 = min(c0 + cols, vocab)
+                z, _ = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
+                torch.logaddexp(lse[r0:r1], torch.logsumexp(z, 1), out=lse[r0:r1])
+                inside, col = _label_column(y, c0, c1)
+                target[r0:r1] += torch.where(inside, z.gather(1, col).squeeze(1), 0)
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < vocab)
+    loss = torch.where(valid, torch.where(in_range, lse - target, float("nan")), 0).to(acc)
+    return loss, lse
+
+
+@_forward.register_fake
+def _(hidden, weight, bias, labels, ignore_index, softcap, scale, compute_dtype, rows, cols):
+    acc = _acc(compute_dtype or hidden.dtype)
+    return hidden.new_empty(hidden.shape[:1], dtype=acc), hidden.new_empty(hidden.shape[:1], dtype=acc)
+
+
+@torch.library.custom_op("tempo_ds::linear_cross_entropy_bwd", mutates_args=())
+def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, softcap: Optional[float],
+              scale: Optional[float], compute_dtype: Optional[torch.dtype], rows: int, cols: int,
+              mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias); an entry ``mask`` does not ask for is an empty tensor."""
+    need_h, need_w, need_b = mask
+    compute = compute_dtype or hidden.dtype
+    acc = lse.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    g = torch.where(labels != ignore_index, grad.to(acc), 0).unsqueeze(1)
+    dh = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
+    dw = torch.empty_like(weight) if need_w else None
+    db = torch.empty_like(bias) if need_b else None
+    one_chunk = rows >= n
+    with torch.autocast(hidden.device.type, enabled=False):
+        for c0 in range(0, vocab, cols):
+            c1 = min(c0 + cols, vocab)
+            w = weight[c0:c1].to(compute)
+            dw_acc = None if one_chunk or not need_w else hidden.new_zeros((c1 - c0, hidden.shape[1]), dtype=acc)
+            db_acc = hidden.new_zeros((c1 - c0,), dtype=acc) if need_b else None
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                h, y = hidden[r0:r1].to(compute), labels[r0:r1]
+                z, t = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
+                dz = z.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+                inside, col = _label_column(y, c0, c1)
+                dz.scatter_add_(1, col, -inside.to(acc).unsqueeze(1))
+                dz.mul_(g[r0:r1])
+                if t is not None:
+                    dz.mul_(1 - t * t)
+                if scale is not None:
+                    dz.mul_(scale)
+                if need_b:
+                    db_acc += dz.sum(0)
+                dzc = dz.to(compute)
+                if need_h:
+                    dh[r0:r1] += (dzc @ w).to(acc)
+                if need_w:
+                    part = dzc.t() @ h
+                    if one_chunk:
+                        dw[c0:c1] = part
+                    else:
+                        dw_acc += part.to(acc)
+            if dw_acc is not None:
+                dw[c0:c1] = dw_acc
+            if need_b:
+                db[c0:c1] = db_acc
+    return (dh.to(hidden.dtype) if need_h else hidden.new_empty(0), dw if need_w else hidden.new_empty(0),
+            db if need_b else hidden.new_empty(0))
+
+
+@_backward.register_fake
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, softcap, scale, compute_dtype, rows, cols, mask):
+    return (torch.empty_like(hidden) if mask[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if mask[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if mask[2] else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, softcap, scale, compute_dtype, rows, cols = inputs
+    ctx.args = (ignore_index, softcap, scale, compute_dtype, rows, cols)
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _autograd_backward(ctx, grad, _dlse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    mask = [need_h, need_w, need_b and bias is not None]
+    with gathered(weight, bias):
+        dh, dw, db = _backward(grad, hidden, weight, bias, labels, lse, *ctx.args, mask)
+    return (dh if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + (None,) * 7
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
+                         num_items_in_batch: torch.Tensor | int | None = None, softcap: float | None = None,
+                         logit_scale: float | None = None, token_chunk: int | None = None,
+                         vocab_chunk: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(softcap(logit_scale * F.linear(hidden, weight, bias)).float(), labels)`` without ever
+    holding all the logits: the logits are computed in tiles, and recomputed in backward.
+
+    ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``labels`` [...] (the leading shape of
+    ``hidden``; no shifting is done here). ``reduction`` is "mean" (over labels that are not ``ignore_index``),
+    "sum" or "none" (float32 loss per token, 0 where ignored). ``num_items_in_batch`` (transformers' gradient
+    accumulation) divides the sum instead of the count, with ``reduction="mean"``. ``token_chunk`` /
+    ``vocab_chunk`` set the tile (default: :func:`tile_shape`).
+
+    Saved for backward: ``hidden`` (shared with whatever produced it), the weight and bias Parameters, the
+    labels (flattened, int64) and a float32 log-sum-exp per token -- never a [tokens, V] tensor. The loss is
+    float32 (float64 for float64 inputs). No host syncs: the count of labels stays a device tensor.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: allowed values: {', '.join(map(repr, REDUCTIONS))}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch replaces the count of a 'mean' reduction; got reduction={reduction!r}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}: expected hidden [..., H] "
+                         f"and weight [V, H]")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap!r}: expected a positive number or None")
+    for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r}: expected a positive int or None")
+    compute = autocast_dtype(hidden)
+    if compute is None and hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: outside autocast they must match "
+                        f"(as for F.linear)")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    rows, cols = tile_shape(h.shape[0], weight.shape[0], token_chunk, vocab_chunk)
+    with gathered(weight, bias):
+        loss, _ = _forward(h, weight, bias, y, int(ignore_index), None if softcap is None else float(softcap),
+                           None if logit_scale is None else float(logit_scale), compute, rows, cols)
+    if reduction == "none":
+        return loss.view(labels.shape)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        return total / (y != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
