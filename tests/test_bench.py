@@ -100,12 +100,15 @@ def test_markdown_has_one_row_per_variant(bench, capsys):
     out, _, rows = bench
     text = (out / "bench.md").read_text(encoding="utf-8")
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0] == (f"| variant | sbh/layer | vs baseline | step time ratio | max micro-batch (derived) | "
-                        f"loss after {STEPS} | Δloss |")
+    assert table[0] == (f"| variant | sbh/layer | vs baseline | outside sbh | step time ratio | max micro-batch "
+                        f"(derived) | loss after {STEPS} | Δloss |")
     assert [line.split(" | ")[0][2:] for line in table[1:]] == EXPECTED
     eager = table[1].split(" | ")
-    assert eager[1] == f"{rows['HF eager']['memory']['sbh_per_layer']:.2f}" and eager[3] == "1.00"
-    assert eager[4] == f"{rows['HF eager']['max_micro_batch']['batch']:,}"
+    assert eager[1] == f"{rows['HF eager']['memory']['sbh_per_layer']:.2f}" and eager[4] == "1.00"
+    memory = rows["HF eager"]["memory"]
+    assert eager[3] == f"{memory['outside_layers_sbh']:.1f}" and memory["outside_layers_bytes"] == \
+        memory["total_bytes"] - sum(memory["per_layer_bytes"])
+    assert eager[5] == f"{rows['HF eager']['max_micro_batch']['batch']:,}"
     assert "DERIVED from the meter" in text and f"{LAYERS} of the preset's 2 layers" in text
     assert "Not applicable: tempo_ds silu=fewbit (2 bit)" in text
 

@@ -20,7 +20,8 @@ def describe(result: dict) -> list[str]:
              f"torch {env['torch']}, transformers {env['transformers']}, {env['date']}.",
              f"Saved bytes, step time and loss measured on {s['layers']} of the preset's {s['full_layers']} layers "
              f"(the per-layer figure does not depend on depth), micro-batch {s['batch']}; sbh/layer = saved bytes "
-             f"of the middle layer / (seq x micro-batch x hidden).",
+             f"of the middle layer / (seq x micro-batch x hidden); outside sbh = what the embeddings, the final "
+             f"norm, the LM head and the loss keep, in the same unit.",
              f"Step time: forward+backward, best of {s['reps']} interleaved rounds, divided by HF eager's."]
     if s["max_micro_batch_method"] == "derived":
         lines.append(f"Max micro-batch: DERIVED from the meter, not measured: floor((budget - 16 B x "
@@ -45,13 +46,13 @@ def markdown(result: dict) -> str:
     that do not apply to this model."""
     s = result["settings"]
     lines = [*describe(result), "",
-             f"| variant | sbh/layer | vs baseline | step time ratio | max micro-batch ({s['max_micro_batch_method']}) "
-             f"| loss after {s['steps']} | Δloss |",
-             "|---|---|---|---|---|---|---|"]
+             f"| variant | sbh/layer | vs baseline | outside sbh | step time ratio "
+             f"| max micro-batch ({s['max_micro_batch_method']}) | loss after {s['steps']} | Δloss |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["variants"]:
         m, mb, loss = row["memory"], row["max_micro_batch"], row["loss"]
         lines.append(f"| {row['label']} | {m['sbh_per_layer']:.2f} | {m['vs_baseline']:.3f} | "
-                     f"{row['time']['ratio']:.2f} | {_batch(mb)} | {loss['final']:.4f} | "
+                     f"{m['outside_layers_sbh']:.1f} | {row['time']['ratio']:.2f} | {_batch(mb)} | {loss['final']:.4f} | "
                      f"{100 * loss['delta_rel']:+.2f} % |")
     for skip in result["skipped"]:
         lines.append(f"\nNot applicable: {skip['label']}: {skip['reason']}.")

@@ -106,7 +106,8 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
         prof = measure.activation_profile(model, v, first, arch=arch, size=size, dtype=dtype, seed=seed)
         rows[v.name]["memory"] = {"total_bytes": prof.total_bytes, "per_layer_bytes": prof.per_layer_bytes,
                                   "bytes_per_layer": prof.bytes_per_layer, "sbh_per_layer": prof.sbh_per_layer,
-                                  "outside_layers_bytes": prof.outside_layers_bytes}
+                                  "outside_layers_bytes": prof.outside_layers_bytes,
+                                  "outside_layers_sbh": prof.outside_layers_bytes / (seq * prof.batch * prof.hidden)}
         if dev.type == "cuda":
             say(f"largest micro-batch (GPU binary search): {v.label}")
             spec = measure.gpu_spec(v, arch=arch, size=size, seq=seq, dtype=dtype)
