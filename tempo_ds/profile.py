@@ -86,7 +86,8 @@ TECHNIQUES = {  # each technique alone, the others off
     "attention=tempo": {"attention": "tempo"},
     "dropout=seed": {"dropout": "seed"},
 }
-ALL_OFF = {"gelu": "off", "silu": "off", "mlp": "off", "norm": "off", "attention": "off", "dropout": "off"}
+ALL_OFF = {"gelu": "off", "silu": "off", "mlp": "off", "norm": "off", "attention": "off", "dropout": "off",
+           "lm_loss": "off"}
 
 
 def variants(tempo: dict | None = None, techniques: bool = False) -> dict[str, dict | None]:

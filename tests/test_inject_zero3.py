@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parent / "scripts" / "zero3_inject.py"
 
 
@@ -26,4 +28,5 @@ def test_inject_under_zero_init_and_train_with_zero3(tmp_path):
     assert found["partitioned_before"] == found["params"] == 42     # every parameter really partitioned
     assert found["partitioned_after"] == found["params"]             # inject gathered nothing
     assert found["same_objects"] and found["replaced"] > 0
-    assert found["tempo"] == found["plain"]                          # dropout off: identical training
+    # dropout off: the same training; lm_loss=chunked sums the loss in another order (1 ulp on the loss)
+    assert found["tempo"] == pytest.approx(found["plain"], rel=1e-6, abs=0)
