@@ -17,7 +17,7 @@ FAMILIES = {
     "deberta-v2": (T.DebertaV2Config, T.DebertaV2ForMaskedLM, {}),
     "albert": (T.AlbertConfig, T.AlbertForMaskedLM, dict(embedding_size=16, hidden_act="gelu")),  # one layer, run twice
 }
-ONLY_GELU = dict(attention="off", norm="off", dropout="off")
+ONLY_GELU = dict(attention="off", norm="off", dropout="off", lm_loss="off")
 
 
 def _model(family):
