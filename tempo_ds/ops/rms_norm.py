@@ -14,13 +14,16 @@ Backward, with ``gw = g * w``::
 
     dx = rstd * (gw - xhat * mean(gw * xhat))        dw = sum_rows g * xhat
 
-HuggingFace's eager module keeps ``x``, ``x * rstd`` and ``rstd`` (two activations); this op keeps ``y`` and
-``rstd`` and rebuilds ``xhat = y / w``: ``M*N*y.element_size() + 4*M`` bytes for ``M`` rows, and the
-``M*N`` part is shared with the Linear layers that read ``y`` next. As for LayerNorm
-(``tempo_ds.ops.layer_norm``, whose module docstring derives the rule), a call whose weight has an entry
-below the smallest normal number of ``y``'s dtype, or one large enough for ``y`` to overflow, keeps
-``x`` instead; the decision depends only on the weight, so a checkpoint recompute keeps the same
-tensors.
+HuggingFace's eager module keeps ``x``, ``x * rstd`` and ``rstd`` (two activations); this op keeps ``y``,
+``rstd`` and rebuilds ``xhat = y / w``. As for LayerNorm (``tempo_ds.ops.layer_norm``, whose module
+docstring derives the rule and the scheme), a column whose weight is below the smallest normal number of
+``y``'s dtype, NaN, or large enough for ``y`` to overflow cannot be rebuilt; with no host sync and a saved
+set fixed by shapes, the op always keeps a side buffer: ``xhat`` (rounded to x's dtype, which is HF's
+``xhat`` in the "llama" casting) of the ``K = side_columns(N)`` worst columns, ranked on the device, and
+backward replaces those of them that break the rule. Exact with up to ``K`` bad columns (``K = max(8,
+N/64)``, at most ``N``); ``keep_input=True`` keeps ``x`` instead, exact for any weight. Bytes kept for
+``M`` rows: ``M*N*y.element_size() + 4*M + M*K*x.element_size() + 8*K``, and the ``M*N`` part is shared
+with the Linear layers that read ``y`` next.
 
 Accuracy (max abs error against float64 maths, 2048 x 1024). ``casting="llama"``: the forward equals
 HF's bit for bit; as a ratio to HF's own error, float32 dx 1.07, dw 0.85; bfloat16 dx 0.83, dw 0.90;
@@ -33,38 +36,45 @@ here, up to 3x on small shapes (13 x 37); dx stays within 1.5x. Float64 input is
 On the PyTorch path the backward runs aten's fused LayerNorm backward with mean 0 and adds back the
 ``rstd * mean(gw)`` term that LayerNorm subtracts (RMSNorm has no mean to differentiate), because CPU
 PyTorch has no RMSNorm backward kernel.
+
+The ops: ``tempo_ds::inplace_rms_norm_fwd`` and ``_bwd``, ``torch.library`` custom ops with fake
+implementations joined by ``register_autograd``; nothing reads a device value on the host.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from tempo_ds.ops._autocast import custom_bwd, custom_fwd
+from tempo_ds.ops._library import LIB
 from tempo_ds.ops._zero import gathered
-from tempo_ds.ops.layer_norm import acc_dtype, fits_kernel, output_is_invertible, rebuild_xhat
+from tempo_ds.ops.layer_norm import (acc_dtype, column_scores, fits_kernel, patch_xhat, rebuild_xhat, side_buffer,
+                                     side_columns)
 
-__all__ = ["inplace_rms_norm", "InplaceRMSNormFunction"]
+__all__ = ["inplace_rms_norm"]
 
 CASTINGS = ("llama", "torch")
 
 
-class InplaceRMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dimension that keeps ``y`` and ``rstd`` for backward.
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
-    Shapes: ``x`` [*, N]; ``weight`` [N] or None; returns ``y`` [*, N] in ``out_dtype``. ``save`` is
-    ``"output"`` (keep ``y`` and ``rstd``: [*, 1] float32 on the PyTorch path, [M] on the Triton path),
-    ``"input"`` (keep ``x`` and ``rstd``) or ``"none"``.
-    """
 
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, x, weight, eps, casting, out_dtype, save):
-        n = x.shape[-1]
-        ctx.save, ctx.triton, ctx.x_dtype = save, fits_kernel(x, n), x.dtype
-        if ctx.triton:
+@torch.library.custom_op(f"{LIB}::inplace_rms_norm_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: str, out_dtype: torch.dtype,
+         save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, rstd, side, idx)``: y contiguous [*, N] in ``out_dtype``; rstd [M]; side [M, K] (x's dtype) and
+    idx [K] int64 only when ``save == "output"`` (else K = 0)."""
+    n = x.shape[-1]
+    k = side_columns(n, weight is not None) if save == "output" else 0
+    with _no_autocast(x):
+        x2 = x.reshape(-1, n)
+        if fits_kernel(x, n):
             from tempo_ds.kernels import layer_norm as kernel
 
-            y2, _, rstd = kernel.norm_forward(x.reshape(-1, n).contiguous(), weight, None, eps, rms=True,
-                                              out_dtype=out_dtype, cast_before_weight=casting == "llama")
+            y2, _, rstd = kernel.norm_forward(x2.contiguous(), weight, None, eps, rms=True, out_dtype=out_dtype,
+                                              cast_before_weight=casting == "llama")
             y = y2.view(x.shape)
         else:
             acc = acc_dtype(x.dtype)
@@ -76,51 +86,101 @@ class InplaceRMSNormFunction(torch.autograd.Function):
             else:
                 y = xf * rstd
                 y = (y * weight.to(acc) if weight is not None else y).to(x.dtype)
-        if save == "output":
-            ctx.save_for_backward(y, rstd, weight)
-        elif save == "input":
-            ctx.save_for_backward(x, rstd, weight)
-        return y
+            y = y.contiguous()
+        rstd = rstd.reshape(-1)
+        side, idx = side_buffer(x2, weight, None, out_dtype, k, lambda cols: cols.to(rstd.dtype) * rstd[:, None])
+        return y, rstd, side, idx
 
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, grad):
-        src, rstd, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        from_output = ctx.save == "output"
-        n = src.shape[-1]
-        with gathered(weight):
-            if ctx.triton:
-                from tempo_ds.kernels import layer_norm as kernel
 
-                dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), src.reshape(-1, n), weight, None, None, rstd,
-                                                 rms=True, from_output=from_output, x_dtype=ctx.x_dtype,
-                                                 need_weight_grads=need_w)
-                dx = dx.view(src.shape)
-            else:
-                acc = rstd.dtype
-                w, g = None if weight is None else weight.to(acc), grad.to(acc)
-                xhat = rebuild_xhat(src, w, None, acc) if from_output else src.to(acc) * rstd
-                # summed over rows like autograd sums HF's broadcast product (aten's LayerNorm backward
-                # accumulates rows in a single float32 sum: 5x the error at 2048 rows)
-                dw = (g * xhat).sum(tuple(range(g.dim() - 1))) if need_w else None
-                if need_x:
-                    # aten's backward wants the input; with mean 0 any x with x * rstd = xhat will do
-                    dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-                        g, xhat.div_(rstd), (n,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])
-                    mean_gw = (g @ w if w is not None else g.sum(-1)).unsqueeze(-1).div_(n)
-                    dx = torch.addcmul(dx, rstd, mean_gw)
-        return (dx.to(ctx.x_dtype) if need_x else None, dw.to(weight.dtype) if need_w else None,
-                None, None, None, None)
+@_fwd.register_fake
+def _(x, weight, eps, casting, out_dtype, save):
+    n = x.shape[-1]
+    m = math.prod(x.shape[:-1])
+    k = side_columns(n, weight is not None) if save == "output" else 0
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((m,), dtype=acc_dtype(x.dtype)), x.new_empty((m, k)),
+            x.new_empty((k,), dtype=torch.int64))
+
+
+@torch.library.custom_op(f"{LIB}::inplace_rms_norm_bwd", mutates_args=())
+def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.Tensor, idx: torch.Tensor,
+         weight: Optional[torch.Tensor], from_output: bool, x_dtype: torch.dtype,
+         needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dweight] (an empty tensor for one ``needs`` leaves out); ``src`` is ``y`` when ``from_output``,
+    else ``x``."""
+    need_x, need_w = needs
+    n = src.shape[-1]
+    acc = rstd.dtype
+    with _no_autocast(grad), gathered(weight):
+        w = None if weight is None else weight.to(acc)
+        if from_output:
+            xhat = rebuild_xhat(src.reshape(-1, n), w, None, acc)
+            if idx.numel():
+                patch_xhat(xhat, side, idx, column_scores(weight, None, src.dtype, n)[1])
+        else:
+            xhat = src.reshape(-1, n).to(acc) * rstd[:, None]
+        if fits_kernel(src, n):
+            from tempo_ds.kernels import layer_norm as kernel
+
+            # the kernel's input path: xhat = src * rstd
+            dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), xhat.div_(rstd[:, None]), weight, None, None,
+                                             rstd, rms=True, from_output=False, x_dtype=x_dtype,
+                                             need_weight_grads=need_w)
+        else:
+            g = grad.reshape(-1, n).to(acc)
+            # summed over rows like autograd sums HF's broadcast product (aten's LayerNorm backward
+            # accumulates rows in a single float32 sum: 5x the error at 2048 rows)
+            dw = (g * xhat).sum(0) if need_w else None
+            dx = None
+            if need_x:
+                r = rstd[:, None]
+                # aten's backward wants the input; with mean 0 any x with x * rstd = xhat will do
+                dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+                    g, xhat.div_(r), (n,), torch.zeros_like(r), r, w, None, [True, False, False])
+                mean_gw = (g @ w if w is not None else g.sum(-1)).unsqueeze(-1).div_(n)
+                dx = torch.addcmul(dx, r, mean_gw)
+        return [dx.view(src.shape).to(x_dtype) if need_x else grad.new_empty(0),
+                dw.to(weight.dtype) if need_w else grad.new_empty(0)]
+
+
+@_bwd.register_fake
+def _(grad, src, rstd, side, idx, weight, from_output, x_dtype, needs):
+    need_x, need_w = needs
+    return [src.new_empty(src.shape, dtype=x_dtype) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else grad.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, casting, out_dtype, save = inputs
+    y, rstd, side, idx = output
+    ctx.from_output, ctx.x_dtype = save == "output", x.dtype
+    if save == "output":  # y (shared with the next Linears), rstd, the side buffer; the Parameter itself
+        ctx.save_for_backward(y, rstd, side, idx, weight)
+    elif save == "input":
+        ctx.save_for_backward(x, rstd, None, None, weight)
+
+
+def _backward(ctx, grad, *_):
+    src, rstd, side, idx, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    need_w = need_w and weight is not None
+    if side is None:
+        side, idx = rstd.new_empty((0, 0)), torch.empty(0, dtype=torch.int64, device=rstd.device)
+    dx, dw = _bwd(grad, src, rstd, side, idx, weight, ctx.from_output, ctx.x_dtype, [need_x, need_w])
+    return dx if need_x else None, dw if need_w else None, None, None, None, None
+
+
+torch.library.register_autograd(f"{LIB}::inplace_rms_norm_fwd", _backward, setup_context=_setup_context)
 
 
 def inplace_rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = 1e-6, *,
-                     casting: str = "llama") -> torch.Tensor:
+                     casting: str = "llama", keep_input: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension that keeps its output (not its input) for backward.
 
     ``casting="llama"`` computes exactly what HuggingFace's ``LlamaRMSNorm`` does (result in the promoted
     dtype of ``x`` and ``weight``); ``casting="torch"`` what ``torch.nn.functional.rms_norm`` does (result
-    in ``x``'s dtype; ``eps=None`` means ``torch.finfo(x.dtype).eps``). ``weight`` is 1-D or None.
+    in ``x``'s dtype; ``eps=None`` means ``torch.finfo(x.dtype).eps``). ``weight`` is 1-D or None. Keeps
+    ``y``, ``rstd`` and the side buffer (module docstring); ``keep_input=True`` keeps ``x`` and ``rstd``
+    instead, exact for any weight.
     """
     if casting not in CASTINGS:
         raise ValueError(f"casting={casting!r}: expected one of {CASTINGS}")
@@ -131,10 +191,5 @@ def inplace_rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: f
         eps = torch.finfo(x.dtype).eps
     out_dtype = torch.promote_types(x.dtype, weight.dtype) if casting == "llama" and weight is not None else x.dtype
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    if not needs_grad:
-        save = "none"
-    elif output_is_invertible(weight, None, out_dtype, x.shape[-1]):
-        save = "output"
-    else:
-        save = "input"
-    return InplaceRMSNormFunction.apply(x, weight, eps, casting, out_dtype, save)
+    save = "none" if not needs_grad else "input" if keep_input else "output"
+    return _fwd(x, weight, float(eps), casting, out_dtype, save)[0]
