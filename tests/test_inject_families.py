@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import tempo_ds
 from tempo_ds.memory import SavedTensorMeter
+from tempo_ds.ops.layer_norm import side_columns
 from test_inject import EXACT, FAMILIES, _batch, _bert, _llama, _loss_and_grads
 
 H, A, KV = 64, 4, 2
@@ -69,8 +71,10 @@ def _per_layer(model, batch, layers=3):
 
 
 def _stats(s, b, a):
-    """Per layer, fp32: one rstd per row for each of the two norms, one log-sum-exp per row and head."""
-    return 4 * s * b * 2 + 4 * b * a * s
+    """Per layer, fp32: one rstd per row for each of the two norms, one log-sum-exp per row and head; and each
+    norm's side buffer (bf16 xhat of its K worst-conditioned columns, and their int64 indices)."""
+    k = side_columns(H, True)
+    return 4 * s * b * 2 + 4 * b * a * s + 2 * (2 * s * b * k + 8 * k)
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "opt", "llama"])
@@ -79,8 +83,8 @@ def test_per_layer_bytes_match_the_design(family):
 
     BERT/RoBERTa/GPT-2/OPT: the two norm outputs, q, k, v, the attention output (shared with the output
     projection's input) and the GELU input: (6h + i) elements + statistics.
-    Llama: the two norm outputs, q, k and v (k, v with the KV heads), the attention output, and SwiGLU's
-    four MLP-wide tensors (SiLU input, SiLU output, up output, their product): (4h + 2 h_kv + 4i) elements.
+    Llama: the two norm outputs, q, k and v (k, v with the KV heads), the attention output, and the gate and
+    up outputs (mlp=recompute rebuilds SiLU and the product in backward): (4h + 2 h_kv + 2i) elements.
     """
     torch.manual_seed(0)
     kwargs = {"dropout": 0.1} if family in ("bert", "roberta", "gpt2") else {}
@@ -93,9 +97,281 @@ def test_per_layer_bytes_match_the_design(family):
     after = _per_layer(model, batch)
     if family == "llama":
         i, h_kv = 172, H // A * KV
-        expected = 2 * s * b * (4 * H + 2 * h_kv + 4 * i) + _stats(s, b, A)
+        expected = 2 * s * b * (4 * H + 2 * h_kv + 2 * i) + _stats(s, b, A)
     else:
         i = 256
         expected = 2 * s * b * (6 * H + i) + _stats(s, b, A)
     assert after[1] == expected, (after, expected)
     assert after[1] < 0.7 * before[1]
+
+
+# -- norm families: Qwen3, Gemma 1/2/3, Phi-3, Mixtral, OLMo 2, Granite, Cohere, StableLM ----------------------
+# Each family's own model class from a tiny config; only norm=inplace on (every other technique off), so the
+# forward is HF's bit for bit and the bytes that change are the norms'.
+NORM_ONLY = {**{k: "off" for k in tempo_ds.TempoConfig().techniques()}, "norm": "inplace"}
+HD, V = H // A, 128
+
+
+def _family(name):
+    import transformers as t
+    common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=A, num_key_value_heads=KV,
+                  intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg_cls, cls, extra = {
+        "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, dict(head_dim=HD)),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=HD)),
+        "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, dict(head_dim=HD)),
+        "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM, dict(head_dim=HD)),
+        "phi3": (t.Phi3Config, t.Phi3ForCausalLM, {}),
+        "mixtral": (t.MixtralConfig, t.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+        "olmo2": (t.Olmo2Config, t.Olmo2ForCausalLM, {}),
+        "granite": (t.GraniteConfig, t.GraniteForCausalLM, {}),
+        "cohere": (t.CohereConfig, t.CohereForCausalLM, dict(use_qk_norm=True)),
+        "stablelm": (t.StableLmConfig, t.StableLmForCausalLM, dict(qk_layernorm=True)),
+    }[name]
+    cfg = cfg_cls(**common, **extra)
+    cfg._attn_implementation, cfg.use_cache = "eager", False
+    if name == "mixtral":
+        cfg._experts_implementation = "eager"  # a loop over experts: grouped_mm has no float64
+    torch.manual_seed(0)
+    model = cls(cfg).train()
+    with torch.no_grad():  # norm weights away from their init (Gemma's 0, the others' 1) so the scale matters
+        for pname, p in model.named_parameters():
+            if "norm" in pname and pname.endswith("weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# Per layer, each norm: (path in the layer, arithmetic, rows per token, width, output shared with the next Linear)
+# Rows per token: 1 for hidden-state norms, the heads for per-head q/k norms.
+_NORMS = {
+    "qwen3": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True),
+              ("self_attn.q_norm", "llama", A, HD, False), ("self_attn.k_norm", "llama", KV, HD, False)],
+    "gemma": [("input_layernorm", "gemma", 1, H, True), ("post_attention_layernorm", "gemma", 1, H, True)],
+    "gemma2": [("input_layernorm", "gemma", 1, H, True), ("post_attention_layernorm", "gemma", 1, H, False),
+               ("pre_feedforward_layernorm", "gemma", 1, H, True), ("post_feedforward_layernorm", "gemma", 1, H, False)],
+    "phi3": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True)],
+    "mixtral": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True)],
+    "olmo2": [("post_attention_layernorm", "olmo2", 1, H, False), ("post_feedforward_layernorm", "olmo2", 1, H, False),
+              ("self_attn.q_norm", "olmo2", 1, H, False), ("self_attn.k_norm", "olmo2", 1, KV * HD, False)],
+    "granite": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True)],
+    "cohere": [("input_layernorm", "cohere", 1, H, True), ("self_attn.q_norm", "cohere_heads", A, HD, False),
+               ("self_attn.k_norm", "cohere_heads", KV, HD, False)],
+    "stablelm": [("input_layernorm", "layer_norm", 1, H, True), ("post_attention_layernorm", "layer_norm", 1, H, True),
+                 ("self_attn.q_layernorm", "layer_norm", A, HD, False),
+                 ("self_attn.k_layernorm", "layer_norm", KV, HD, False)],
+}
+_NORMS["gemma3"] = _NORMS["gemma2"] + [("self_attn.q_norm", "gemma", A, HD, False),
+                                       ("self_attn.k_norm", "gemma", KV, HD, False)]
+
+
+def _norm_bytes(kind, rows, n, calls=1):
+    """(HF's module, ours) bytes kept in bf16 for ``rows`` rows of ``n`` (in ``calls`` op calls); 4 * rows is one
+    float32 rstd per row.
+
+    HF's modules keep float32 intermediates: Llama's the float32 input and the rounded x*rstd (6 bytes an
+    element), OLMo 2's and Gemma's the float32 input and x*rstd (8), Cohere's the centred float32 input twice (it
+    subtracts the mean twice) and x*rstd (12); Gemma's both keep the float32 scale 1 + w. torch's LayerNorm keeps
+    its bf16 input and bf16 mean and rstd on CPU. Ours keep the bf16 output, except Cohere's per-head q/k norm,
+    which keeps the float32 x*rstd its per-head weight multiplies. A weighted op call also keeps its side buffer:
+    the bf16 xhat of the K = side_columns(n) columns its weight conditions worst, and their int64 indices."""
+    per_element, extra = {"llama": (6, 0), "olmo2": (8, 0), "gemma": (8, 4 * n), "cohere": (12, 0),
+                          "cohere_heads": (12, 0), "layer_norm": (2, 0)}[kind]
+    ours = 4 if kind == "cohere_heads" else 2
+    k = 0 if kind == "cohere_heads" else side_columns(n, True)
+    side = 2 * rows * k + calls * 8 * k
+    return per_element * rows * n + 4 * rows + extra, ours * rows * n + 4 * rows + extra + side
+
+
+def _layer_records(model, batch, layer=1):
+    """{module path inside layer ``layer``: bytes} from one bf16 training forward (summed over storages first
+    saved there). Summed by name rather than ``meter.per_layer``: StableLM's per-head norm lists are longer
+    ModuleLists than its 2 layers, and ``find_layers`` takes the longest."""
+    model.train()
+    torch.manual_seed(0)
+    with SavedTensorMeter(model) as meter:
+        out = model(**batch)
+    del out
+    head = f"model.layers.{layer}."
+    return {name[len(head):]: nbytes for name, nbytes in meter.by_module.items() if name.startswith(head)}
+
+
+def _under(records, path):
+    return sum(v for k, v in records.items() if k == path or k.startswith(path + "."))
+
+
+@pytest.mark.parametrize("family", list(_NORMS))
+def test_norm_families_are_exact_and_keep_the_derived_bytes(family):
+    plain = _family(family)
+    lean = copy.deepcopy(plain)
+    report = tempo_ds.inject(lean, **NORM_ONLY)
+    norms_in_layer = sum(1 if kind not in ("layer_norm",) or rows == 1 else rows for _, kind, rows, _, _ in _NORMS[family])
+    assert report.counts() == {"norm=inplace": 2 * norms_in_layer + 1}, str(report)   # every layer + final norm
+    assert not [s for s in report.skipped if "norm" in s.reason], str(report)
+
+    # fp32: the forward is HF's bit for bit, the gradients HF's up to the rebuild of x*rstd from the output
+    batch = _batch(plain, 2, 16)
+    loss0, grads0 = _loss_and_grads(plain, batch)
+    loss1, grads1 = _loss_and_grads(lean, batch)
+    assert torch.equal(loss1, loss0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # bf16: gradient error against float64 at most twice the untouched model's
+    ref = copy.deepcopy(plain).double()
+    loss64, grads64 = _loss_and_grads(ref, batch)
+    _, grads_p = _loss_and_grads(copy.deepcopy(plain).to(torch.bfloat16), batch)
+    _, grads_t = _loss_and_grads(lean.to(torch.bfloat16), batch)
+    g64 = _flat(grads64)
+    err_plain, err_tempo = ((_flat(g) - g64).norm() / g64.norm() for g in (grads_p, grads_t))
+    assert err_tempo <= 2 * err_plain, (err_tempo, err_plain)
+
+    # bf16 bytes of layer 1: each norm's own figure, and the layer total, which also loses the copy of each
+    # shared norm output that HF's next Linear kept (ours is the same storage, charged to the norm)
+    b, s = 2, 16
+    batch = _batch(plain, b, s, padded=False)
+    before = _layer_records(plain.to(torch.bfloat16), batch)
+    after = _layer_records(lean, batch)
+    saved = 0
+    for path, kind, rows, n, shared in _NORMS[family]:
+        hf, ours = _norm_bytes(kind, b * s * rows, n, calls=rows if kind == "layer_norm" else 1)
+        assert (_under(before, path), _under(after, path)) == (hf, ours), path
+        saved += hf - ours + (2 * b * s * rows * n if shared else 0)
+    assert sum(before.values()) - sum(after.values()) == saved
+
+
+def test_gemma_scale_one_plus_w_is_exact_and_w_minus_one_falls_back():
+    """(1 + w) handed to the op: HF's forward bit for bit; a weight entry of -1 makes the scale 0, where y / scale
+    is 0/0, and the op's invertibility rule keeps the input instead: gradients stay HF's."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from tempo_ds.nn.rms_norm import InplaceGemmaRMSNorm
+
+    torch.manual_seed(0)
+    for w_minus_one in (False, True):
+        hf = GemmaRMSNorm(24)
+        with torch.no_grad():
+            hf.weight.normal_(0, 0.5)
+            if w_minus_one:
+                hf.weight[[3, 7]] = -1.0
+        ours = InplaceGemmaRMSNorm.from_module(copy.deepcopy(hf))
+        x, g = torch.randn(5, 7, 24) * 3, torch.randn(5, 7, 24)
+        outs = []
+        for module in (hf, ours):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            y.backward(g)
+            outs.append((y.detach(), xi.grad, module.weight.grad))
+        assert torch.equal(outs[1][0], outs[0][0])
+        for mine, theirs in zip(outs[1][1:], outs[0][1:]):
+            assert torch.isfinite(mine).all()
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _cohere(weight_shape):
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    hf = CohereLayerNorm(weight_shape if len(weight_shape) > 1 else weight_shape[0], eps=1e-5)
+    with torch.no_grad():
+        hf.weight.normal_(1, 0.3)
+    return hf
+
+
+def _olmo2():
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    hf = Olmo2RMSNorm(32)
+    with torch.no_grad():
+        hf.weight.normal_(1, 0.3)
+    return hf
+
+
+def _gemma():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    hf = GemmaRMSNorm(32)
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.3)
+    return hf
+
+
+def _maths64(kind, x, w, eps):
+    """The norm's maths in float64."""
+    if kind.startswith("cohere"):
+        xc = x - x.mean(-1, keepdim=True)
+        return w * xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return xhat * (1 + w) if kind == "gemma" else xhat * w
+
+
+_MODULES = {"olmo2": (_olmo2, (64, 32)), "gemma": (_gemma, (64, 32)),
+            "cohere": (lambda: _cohere((32,)), (64, 32)), "cohere_heads": (lambda: _cohere((4, 8)), (16, 4, 8))}
+
+
+@pytest.mark.parametrize("kind", list(_MODULES))
+def test_norm_variants_bitwise_in_fp32_within_2x_in_bf16_and_gradcheck(kind):
+    from tempo_ds.nn.norm_families import inplace_norm
+
+    build, shape = _MODULES[kind]
+    torch.manual_seed(1)
+    hf = build()
+    eps = getattr(hf, "eps", getattr(hf, "variance_epsilon", None))
+    x64, g64 = torch.randn(shape, dtype=torch.float64) * 2 + 0.3, torch.randn(shape, dtype=torch.float64)
+    # fp32: HF's forward bit for bit, gradients tight
+    results = {}
+    for name, module in (("hf", hf), ("ours", inplace_norm(copy.deepcopy(hf)))):
+        for dtype in (torch.float32, torch.bfloat16):
+            m = copy.deepcopy(module).to(dtype)
+            x = x64.to(dtype).requires_grad_()
+            y = m(x)
+            y.backward(g64.to(dtype))
+            results[name, dtype] = (y.detach(), x.grad, m.weight.grad)
+    assert torch.equal(results["ours", torch.float32][0], results["hf", torch.float32][0])
+    for mine, theirs in zip(results["ours", torch.float32][1:], results["hf", torch.float32][1:]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    # bf16: each of y, dx, dw errs against the float64 maths at most twice as much as HF's module in bf16
+    w64 = hf.weight.detach().double().requires_grad_()
+    x = x64.clone().requires_grad_()
+    y64 = _maths64(kind, x, w64, eps)
+    y64.backward(g64)
+    for exact, ours, theirs in zip((y64.detach(), x.grad, w64.grad), results["ours", torch.bfloat16],
+                                   results["hf", torch.bfloat16]):
+        err_ours, err_hf = ((t.double() - exact).abs().max() for t in (ours, theirs))
+        assert err_ours <= 2 * err_hf, (err_ours, err_hf)
+    # float64 gradcheck of the replacement (float64 maths throughout)
+    ours64 = inplace_norm(copy.deepcopy(hf)).double()
+    xs = torch.randn((3,) + shape[1:], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: torch.func.functional_call(ours64, {"weight": w}, (t,)),
+                                    (xs, ours64.weight.detach().clone().requires_grad_()))
+
+
+class _SomeoneElsesRMSNorm(nn.Module):
+    """An RMSNorm whose arithmetic (weight cast to the input dtype before scaling) matches none we reproduce."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight.to(x.dtype)
+
+
+def test_norms_are_recognised_by_their_code_and_the_rest_left_alone_with_the_reason():
+    from transformers.models.cohere2.modeling_cohere2 import Cohere2LayerNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from tempo_ds.nn.layer_norm import InplaceCohereLayerNorm
+    from tempo_ds.nn.rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm
+
+    model = nn.Sequential(Olmo2RMSNorm(8), Gemma3RMSNorm(8), Cohere2LayerNorm(8), T5LayerNorm(8),
+                          _SomeoneElsesRMSNorm(8))
+    report = tempo_ds.inject(model, **NORM_ONLY)
+    assert [type(m) for m in model[:3]] == [InplaceRMSNorm, InplaceGemmaRMSNorm, InplaceCohereLayerNorm]
+    assert model[0].casting == "torch" and model[1].weight is report.replaced[1].old.weight
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert set(reasons) == {"3", "4"}
+    for name, cls in (("3", "T5LayerNorm"), ("4", "_SomeoneElsesRMSNorm")):
+        assert reasons[name].startswith(f"norm=inplace: {cls} runs none of the norm arithmetics tempo_ds "
+                                        "reproduces exactly (torch.nn.LayerNorm;"), reasons[name]
