@@ -1,17 +1,38 @@
 """tempo_ds attention inside transformers: registered in ``AttentionInterface`` and selected per model.
 
-Two implementations are registered under their own names, each with the boolean mask builder SDPA uses
-(True = attend); without a mask builder transformers would hand a custom implementation no mask at all:
+Two implementations are registered under their own names, each with its own mask builder
+(``AttentionMaskInterface``); without a mask builder transformers would hand a custom implementation no
+mask at all:
 
-* ``"tempo"``           — ``tempo_ds.ops.attention(mode="lean")``: saves q, k, v, the output and a per-row
+* ``"tempo"``           - ``tempo_ds.ops.attention(mode="lean")``: saves q, k, v, the output and a per-row
   log-sum-exp, never an s x s tensor;
-* ``"tempo_recompute"`` — Tempo's attention-dropout recomputation (softmax output + a 1-bit mask).
+* ``"tempo_recompute"`` - Tempo's attention-dropout recomputation (softmax output + a 1-bit mask).
+
+The mask builder (:func:`padding_mask`) is what lets the attention decide the mask's structure without
+reading it. transformers' own builders materialize a [b, 1, s_q, s_kv] mask even when it only says
+"causal" and "these keys are padding"; telling that apart again would mean reading the mask on the host
+(a device sync, and a graph break under ``torch.compile``). Ours returns, for the plain causal and
+bidirectional masks that BERT, GPT-2, Llama and their kin build in training:
+
+* ``None`` when no 2-D padding mask was given, or (outside tracing) when it masks nothing - the same check
+  transformers' ``sdpa_mask`` makes; under ``torch.compile`` / ``torch.export`` that check is skipped and
+  the padding row is kept, so nothing is read on the host;
+* otherwise the padding row itself, boolean [b, 1, 1, s_kv] (True = attend): one byte per key, shared by
+  every layer, instead of b * s_q * s_kv bytes.
+
+Causality is then the attention module's (``module.is_causal``, or an ``is_causal`` keyword, and the
+config's ``is_causal`` switch), exactly as transformers' sdpa attention does when it receives no mask.
+Anything else (sliding windows, chunked or packed-sequence masks, a KV cache with offsets, custom mask
+functions) falls back to transformers' ``sdpa_mask``, and a materialized mask reaches the attention as it
+is: it then carries causality itself and is kept for backward (once for all layers).
 """
 from __future__ import annotations
 
 import functools
 
-__all__ = ["IMPLEMENTATIONS", "implementation_name", "register"]
+import torch
+
+__all__ = ["IMPLEMENTATIONS", "implementation_name", "register", "padding_mask", "hf_attention_forward"]
 
 IMPLEMENTATIONS = {"lean": "tempo", "tempo": "tempo_recompute"}
 
@@ -24,12 +45,95 @@ def implementation_name(mode: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def register() -> None:
-    """Register both implementations (and their mask builders) with transformers, once."""
+    """Register both implementations (and their mask builder) with transformers, once."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .ops.attention import hf_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
 
     for mode, name in IMPLEMENTATIONS.items():
         AttentionInterface.register(name, functools.partial(hf_attention_forward, mode=mode))
-        AttentionMaskInterface.register(name, sdpa_mask)
+        AttentionMaskInterface.register(name, padding_mask)
+
+
+def _plain(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, allow_causal, allow_bidirectional):
+    """True when the mask is exactly (causal or nothing) and key padding: what the attention can rebuild."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if local_size is not None or isinstance(q_offset, torch.Tensor) or q_offset != 0 or kv_offset != 0:
+        return False
+    if mask_function is causal_mask_function:
+        return allow_causal and q_length == kv_length
+    return mask_function is bidirectional_mask_function and allow_bidirectional
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False, **kwargs):
+    """A transformers mask builder (``AttentionMaskInterface``, same arguments as ``sdpa_mask``) that returns
+    None or the [b, 1, 1, s_kv] boolean padding row for plain causal / bidirectional masks, and
+    ``sdpa_mask``'s materialized mask otherwise (module docstring). Reads the padding mask on the host only
+    outside tracing, where transformers' own builder reads it too."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    if mask_function is None:
+        mask_function = causal_mask_function
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+    if not _plain(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, allow_is_causal_skip,
+                  allow_is_bidirectional_skip):
+        return sdpa_mask(**args)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None:
+        return None
+    padding = padding[:, :kv_length]
+    if not torch.compiler.is_compiling() and bool(padding.all()):  # as sdpa_mask's skip does (a host read)
+        return None
+    return padding[:, None, None, :]
+
+
+def _module_is_causal(module, kwargs) -> bool:
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    config = getattr(module, "config", None)
+    return bool(is_causal) and bool(getattr(config, "is_causal", True) if config is not None else True)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, mode="lean",
+                         **kwargs):
+    """A transformers 5.x attention function (``AttentionInterface.register(name, hf_attention_forward)``).
+
+    Follows ``sdpa_attention_forward``: query [b, h, s_q, d], key/value [b, h_kv, s_k, d] (grouped-query
+    heads are handled natively, ``module.num_key_value_groups`` is not needed); ``attention_mask`` is
+    None, a boolean [b, 1, 1, s_k] padding row (from :func:`padding_mask`), or a materialized 4-d mask -
+    boolean (True = attend, from ``sdpa_mask``) or additive float (from ``eager_mask``). With None or a
+    padding row, causality comes from ``kwargs["is_causal"]`` or ``module.is_causal`` (and a config's
+    ``is_causal=False``), as sdpa does without a mask; a materialized mask carries it itself. Nothing is read
+    from a device tensor. ``dropout`` is already 0 in eval mode (the HF modules pass ``0.0 if not
+    self.training``). An additive ``position_bias`` (T5-style) is added to the mask. ``mode`` is
+    ``attention``'s. Returns ``(attn_output [b, s_q, h, d], None)``.
+    """
+    from tempo_ds.ops.attention import attention
+
+    if kwargs.get("softcap") is not None:
+        raise ValueError("hf_attention_forward does not support `softcap`; use the eager attention")
+    if kwargs.get("cache") is not None:
+        raise ValueError("hf_attention_forward does not support a paged `cache`; use sdpa or eager for generation")
+    q_len = query.shape[2]
+    mask = attention_mask
+    row = mask is not None and mask.dim() == 4 and mask.shape[-2] == 1 and q_len > 1
+    is_causal = q_len > 1 and (mask is None or row) and _module_is_causal(module, kwargs)
+    if is_causal and mask is None and key.shape[2] > q_len:  # prefill of an empty static cache, like sdpa
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        bias = bias[..., : key.shape[2]]
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+        else:
+            mask = bias + mask
+    out = attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+                    mode=mode)
+    return out.transpose(1, 2).contiguous(), None

@@ -23,6 +23,13 @@ Backward (FlashAttention-2, Dao 2023, Algorithm 2)::
     dS  = P * (dP - Di)
     dQ  = scale * dS K,   dK = scale * dS^T Q,   dM = dS (reduced to the mask's broadcast shape)
 
+Each mode is a pair of ``torch.library`` custom ops (``tempo_ds::attention_lean_fwd`` / ``_bwd``,
+``tempo_ds::attention_tempo_fwd`` / ``_bwd``) with fake implementations, joined by ``register_autograd``
+(``tempo_ds.ops._library``): ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them.
+Autocast is resolved in the wrapper (q, k, v cast as autocast casts them for SDPA; the ops run with
+autocast off), and the dropout seed is a 1-element int64 tensor drawn from the default generator of q's
+device (``_library.draw_seed``): nothing reads a device value on the host.
+
 What each mode saves (the meter counts storages once, so a fused QKV output counts once either way):
 
 * ``lean``: q, k, v, o and lse ([B, H, Sq] float32; float64 for float64 inputs, for gradcheck), plus the
@@ -34,33 +41,38 @@ What each mode saves (the meter counts storages once, so a fused QKV output coun
 * ``tempo`` (Tempo, Andoorveedu et al. 2022, sub-layer dropout recomputation): q, k, v, the softmax
   output P in the input dtype (Sq*Sk per head) and the dropout keep mask packed to 1 bit per element;
   backward recomputes the dropped P * Z from them instead of keeping it (and a byte mask) around.
+* Both keep the 8-byte seed on the autograd context rather than through ``save_for_backward`` (as
+  ``seed_dropout`` does): it is an input, not an activation, and every recompute draws the same value.
+  Which tensors are kept depends only on shapes and flags, never on a device value.
 
-Dropout draws one seed per call from the global RNG (``_rng.draw_seed``), so every checkpoint flavour
-recomputes the same mask. ``dropout_p`` is applied whenever it is > 0, like SDPA's; ``LeanAttention``
-passes 0 in eval mode (Tempo's attention dropped in eval mode too; ours does not).
+The seed is drawn per call from the default generator, which every checkpoint flavour restores before it
+recomputes, so the recompute regenerates the same mask. ``dropout_p`` is applied whenever it is > 0, like
+SDPA's; ``LeanAttention`` passes 0 in eval mode (Tempo's attention dropped in eval mode too; ours does not).
 
-Dispatch: on CUDA, without dropout and without a mask, ``mode="lean"`` calls SDPA restricted to its
-flash / memory-efficient backends, which save the same q, k, v, o, lse (falling back to ours if neither
-backend takes the call). Otherwise ``use_triton(q)`` selects the FlashAttention-2 Triton kernels in
-``tempo_ds.kernels.attention`` (not for float64 or a mask that requires grad), and the blocked PyTorch
-code below runs everywhere else. On CPU our code always runs: SDPA's CPU flash kernel saves the same
-figure without dropout (a boolean mask is saved as an extra float copy), but with dropout it falls back
-to the math path and saves ~3 s x s tensors per head.
+Dispatch (``tempo_ds.ops.attention_dispatch.choose_backend``, a pure function of shapes, dtypes, flags and
+the device's capability): on CUDA, ``mode="lean"`` runs SDPA's flash kernel, else its memory-efficient
+kernel, whenever one takes the call - with dropout, causal and padding masks - since both keep the same q,
+k, v, o, lse (and a Philox seed and offset instead of a dropout mask); only when neither does, the Triton
+kernels of ``tempo_ds.kernels.attention`` run (not for float64 or a mask that requires grad), and the
+blocked PyTorch code below everywhere else. ``mode="tempo"`` always runs our own code. On CPU our code
+always runs: SDPA's CPU flash kernel saves the same figure without dropout (a boolean mask is saved as an
+extra float copy), but with dropout it falls back to the math path and saves ~3 s x s tensors per head.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from tempo_ds.ops import _rng
-from tempo_ds.ops._autocast import custom_bwd, custom_fwd
-from tempo_ds.ops._bits import pack_bits, unpack_bits
+from tempo_ds.ops._bits import pack_bits, packed_nbytes, unpack_bits
 from tempo_ds.ops._dispatch import use_triton
+from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed
+from tempo_ds.ops.attention_dispatch import AttentionCall, choose_backend
 from tempo_ds.ops.dropout import fill_keep_mask
 
-__all__ = ["attention", "hf_attention_forward"]
+__all__ = ["attention", "plan_for", "compact_mask"]
 
 MODES = ("lean", "tempo")
 SCORE_BLOCK_ELEMENTS = 1 << 20  # default block: ~1M scores (4 MiB in float32) over all heads at once
@@ -261,98 +273,199 @@ def _tempo_backward(do, q, k, v, probs, keep, mask_shape, scale, p):
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd Functions
+# Custom ops
 # ------------------------------------------------------------------------------------------------
-def _mask_grad(dmask, shape, dtype):
-    """The mask's gradient in the mask's own shape and dtype, from its 4-d form (or None)."""
-    return None if dmask is None else dmask.reshape(shape).to(dtype)
-
-
 def _as_4d(mask):
     """The mask viewed as 4-d (leading broadcast dims of size 1), never expanded."""
     return None if mask is None else mask[(None,) * (4 - mask.dim())]
 
 
-def _lean_forward_any(q, k, v, mask, causal, scale, p, seed, block, kernel_path):
-    """(o, lse) from the Triton kernel or the blocked PyTorch code; autocast off, as every dtype is explicit."""
-    with torch.autocast(q.device.type, enabled=False):
-        if kernel_path:
-            from tempo_ds.kernels import attention as kernel
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
-            return kernel.attention_forward(q, k, v, _as_4d(mask), causal, scale, p, seed)
+
+def _kernel_seed(seed):
+    """The seed as the Triton launchers take it: the device tensor itself where they load it on the device
+    (``TENSOR_SEED``), else an int (a host read, only for launchers that predate device seeds); 0 without
+    dropout."""
+    from tempo_ds.kernels import attention as kernel
+
+    if seed is None:
+        return 0
+    return seed if getattr(kernel, "TENSOR_SEED", False) else int(seed.reshape(()).item())
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return like.new_empty(0, dtype=dtype)
+
+
+@torch.library.custom_op(f"{LIB}::attention_lean_fwd", mutates_args=())
+def _lean_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              seed: Optional[torch.Tensor], causal: bool, scale: float, p: float, block: int,
+              kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq]) from the Triton kernel or the blocked code."""
+    with _no_autocast(q):
+        if kernel:
+            from tempo_ds.kernels import attention as kern
+
+            return kern.attention_forward(q, k, v, _as_4d(mask), causal, scale, p, _kernel_seed(seed))
         return _lean_forward(q, k, v, _as_4d(mask), causal, scale, p, seed, block)
 
 
-def _tempo_forward_any(q, k, v, mask, causal, scale, p, seed):
-    with torch.autocast(q.device.type, enabled=False):
-        return _tempo_forward(q, k, v, _as_4d(mask), causal, scale, p, seed)
+@_lean_fwd.register_fake
+def _(q, k, v, mask, seed, causal, scale, p, block, kernel):
+    B, H, Sq, _ = q.shape
+    o = q.new_empty(B, Sq, H, v.shape[-1]).transpose(1, 2)
+    return o, q.new_empty(B, H, Sq, dtype=_compute_dtype(q.dtype))
 
 
-class LeanAttentionFunction(torch.autograd.Function):
-    """o = softmax(scale q k^T + mask) v with dropout from ``seed``; saves q, k, v, o, lse (and the mask).
+@torch.library.custom_op(f"{LIB}::attention_lean_bwd", mutates_args=())
+def _lean_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
+              scale: float, p: float, block: int, kernel: bool, mask_grad: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv, dmask] in the dtypes and shapes of q, k, v and the mask (dmask empty unless ``mask_grad``)."""
+    mask4 = _as_4d(mask)
+    with _no_autocast(q):
+        if kernel:
+            from tempo_ds.kernels import attention as kern
 
-    q [B, H, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv], mask broadcastable to [B, H, Sq, Sk] or None;
-    returns o [B, H, Sq, Dv] (stored [B, Sq, H, Dv]). lse is [B, H, Sq] float32 (float64 for float64 q).
-    """
-
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, q, k, v, mask, causal, scale, p, seed, block, kernel_path):
-        o, lse = _lean_forward_any(q, k, v, mask, causal, scale, p, seed, block, kernel_path)
-        ctx.causal, ctx.scale, ctx.p, ctx.seed, ctx.block = causal, scale, p, seed, block
-        ctx.kernel_path = kernel_path
-        ctx.has_mask = mask is not None
-        ctx.save_for_backward(q, k, v, o, lse, *([mask] if mask is not None else []))
-        return o
-
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, do):
-        q, k, v, o, lse, *rest = ctx.saved_tensors
-        mask = rest[0] if ctx.has_mask else None
-        mask4 = _as_4d(mask)
-        with torch.autocast(q.device.type, enabled=False):
-            if ctx.kernel_path:
-                from tempo_ds.kernels import attention as kernel
-
-                dq, dk, dv = kernel.attention_backward(do, q, k, v, o, lse, mask4, ctx.causal, ctx.scale, ctx.p,
-                                                       ctx.seed)
-                dmask = None
-            else:
-                dq, dk, dv, dmask = _lean_backward(do, q, k, v, o, lse, mask4, ctx.causal, ctx.scale, ctx.p,
-                                                   ctx.seed, ctx.block, ctx.needs_input_grad[3])
-        dmask = _mask_grad(dmask, mask.shape, mask.dtype) if mask is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None, None
+            dq, dk, dv = kern.attention_backward(do, q, k, v, o, lse, mask4, causal, scale, p, _kernel_seed(seed))
+            dmask = None
+        else:
+            dq, dk, dv, dmask = _lean_backward(do, q, k, v, o, lse, mask4, causal, scale, p, seed, block, mask_grad)
+    dmask = dmask.reshape(mask.shape).to(mask.dtype) if dmask is not None else _empty(q)
+    return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask]
 
 
-class TempoAttentionFunction(torch.autograd.Function):
-    """Tempo's attention: saves q, k, v, the softmax output P [B, H, Sq, Sk] (q's dtype) and the dropout
-    keep mask packed to 1 bit per element (ceil(B*H*Sq*Sk / 8) bytes, only when p > 0)."""
+@_lean_bwd.register_fake
+def _(do, q, k, v, o, lse, mask, seed, causal, scale, p, block, kernel, mask_grad):
+    dmask = mask.new_empty(mask.shape) if mask_grad else _empty(q)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask]
 
-    @staticmethod
-    @custom_fwd
-    def forward(ctx, q, k, v, mask, causal, scale, p, seed):
-        o, probs, keep = _tempo_forward_any(q, k, v, mask, causal, scale, p, seed)
-        packed = [pack_bits(keep, 1)] if keep is not None else []
-        ctx.scale, ctx.p = scale, p
-        ctx.mask_shape = None if mask is None else (tuple(_as_4d(mask).shape), tuple(mask.shape), mask.dtype)
-        ctx.save_for_backward(q, k, v, probs, *packed)
-        return o
 
-    @staticmethod
-    @custom_bwd
-    def backward(ctx, do):
-        q, k, v, probs, *packed = ctx.saved_tensors
-        keep = None
-        if packed:
-            keep = unpack_bits(packed[0], 1, probs.numel()).view(probs.shape).bool()
-        mask_grad = ctx.needs_input_grad[3]
-        with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv, dmask = _tempo_backward(do, q, k, v, probs, keep, ctx.mask_shape[0] if mask_grad else None,
-                                                ctx.scale, ctx.p)
-        if dmask is not None:
-            dmask = _mask_grad(dmask, ctx.mask_shape[1], ctx.mask_shape[2])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None
+def _lean_setup_context(ctx, inputs, output):
+    q, k, v, mask, seed, causal, scale, p, block, kernel = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.seed = seed  # 8 bytes, an input: kept off the saved-tensor hooks (module docstring)
+    ctx.args = (causal, scale, p, block, kernel)
+
+
+def _lean_backward_op(ctx, do, _dlse):
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    mask_grad = mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _lean_bwd(do, q, k, v, o, lse, mask, ctx.seed, *ctx.args, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{LIB}::attention_lean_fwd", _lean_backward_op, setup_context=_lean_setup_context)
+
+
+@torch.library.custom_op(f"{LIB}::attention_tempo_fwd", mutates_args=())
+def _tempo_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               seed: Optional[torch.Tensor], causal: bool, scale: float, p: float,
+               keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, P [B, H, Sq, Sk] in q's dtype, the keep mask packed to 1 bit); P and the bits are empty unless
+    ``keep`` (something needs a gradient), the bits also without dropout."""
+    with _no_autocast(q):
+        o, probs, keep_mask = _tempo_forward(q, k, v, _as_4d(mask), causal, scale, p, seed)
+    if not keep:
+        return o, _empty(q), _empty(q, torch.uint8)
+    packed = pack_bits(keep_mask, 1) if keep_mask is not None else _empty(q, torch.uint8)
+    return o, probs, packed
+
+
+@_tempo_fwd.register_fake
+def _(q, k, v, mask, seed, causal, scale, p, keep):
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    o = q.new_empty(B, Sq, H, v.shape[-1]).transpose(1, 2)
+    if not keep:
+        return o, _empty(q), _empty(q, torch.uint8)
+    nbits = packed_nbytes(B * H * Sq * Sk, 1) if p > 0 else 0
+    return o, q.new_empty(B, H, Sq, Sk), q.new_empty(nbits, dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{LIB}::attention_tempo_bwd", mutates_args=())
+def _tempo_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
+               packed: Optional[torch.Tensor], mask_shape: list[int], mask_dtype: torch.dtype, scale: float,
+               p: float, mask_grad: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv, dmask] from the saved P and keep bits (dmask of ``mask_shape`` / ``mask_dtype``, or empty)."""
+    keep = None
+    if packed is not None:
+        keep = unpack_bits(packed, 1, probs.numel()).view(probs.shape).bool()
+    shape4 = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    with _no_autocast(q):
+        dq, dk, dv, dmask = _tempo_backward(do, q, k, v, probs, keep, shape4 if mask_grad else None, scale, p)
+    dmask = dmask.reshape(mask_shape).to(mask_dtype) if dmask is not None else _empty(q)
+    return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask]
+
+
+@_tempo_bwd.register_fake
+def _(do, q, k, v, probs, packed, mask_shape, mask_dtype, scale, p, mask_grad):
+    dmask = q.new_empty(mask_shape, dtype=mask_dtype) if mask_grad else _empty(q)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask]
+
+
+def _tempo_setup_context(ctx, inputs, output):
+    q, k, v, mask, seed, causal, scale, p, keep = inputs
+    _, probs, packed = output
+    ctx.mark_non_differentiable(probs, packed)
+    ctx.save_for_backward(q, k, v, probs, packed if p > 0 else None)
+    ctx.mask = None if mask is None else (list(mask.shape), mask.dtype)
+    ctx.scale, ctx.p = scale, p
+
+
+def _tempo_backward_op(ctx, do, _dprobs, _dpacked):
+    q, k, v, probs, packed = ctx.saved_tensors
+    mask_grad = ctx.mask is not None and ctx.needs_input_grad[3]
+    shape, dtype = ctx.mask if ctx.mask is not None else ([], q.dtype)
+    dq, dk, dv, dmask = _tempo_bwd(do, q, k, v, probs, packed, shape, dtype, ctx.scale, ctx.p, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{LIB}::attention_tempo_fwd", _tempo_backward_op,
+                                setup_context=_tempo_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# SDPA on CUDA
+# ------------------------------------------------------------------------------------------------
+def _sdpa_flash(q, k, v, p, causal, scale):
+    """SDPA restricted to its FlashAttention-2 backend (keeps q, k, v, o, lse, Philox seed and offset)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal, scale=scale, **gqa)
+
+
+def _aligned_bias(bias: torch.Tensor) -> bool:
+    """What the memory-efficient kernel needs of its bias (``aligned_tensor<8>`` in aten): unit last stride and
+    every other stride a multiple of 8 elements."""
+    return bias.stride(-1) == 1 and all(s % 8 == 0 for s in bias.stride()[:-1])
+
+
+def _sdpa_efficient(q, k, v, mask, p, causal, scale):
+    """``aten._scaled_dot_product_efficient_attention``: a padding mask and ``is_causal`` together (the public
+    SDPA takes one or the other). A boolean mask becomes an additive bias in q's dtype of the mask's own
+    (broadcast) shape, as SDPA converts it; the bias is padded to 8 keys when unaligned, then expanded."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    bias = _as_4d(mask)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, -math.inf)
+        else:
+            bias = bias.to(q.dtype)
+        if not _aligned_bias(bias):
+            bias = F.pad(bias, (0, 8 - Sk % 8))[..., :Sk]
+        bias = bias.expand(B, H, Sq, Sk)
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, need_lse, p, causal,
+                                                                  scale=scale)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,25 +495,34 @@ def _check(q, k, v, attn_mask, dropout_p, mode):
 
 def _autocast_inputs(q, k, v):
     """Cast q, k, v as autocast would for SDPA (which it runs in the lower-precision dtype)."""
-    device = q.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(q)
+    if dtype is None:
         return q, k, v
-    dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in (q, k, v))
 
 
-def _try_sdpa(q, k, v, is_causal, scale):
-    """SDPA on its flash / memory-efficient CUDA backends (they save q, k, v, o, lse), or None."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _describe(q, k, v, attn_mask, dropout_p, is_causal, mode) -> AttentionCall:
+    """The static description of a call that ``choose_backend`` decides on (shapes, dtypes, flags, device)."""
+    capability, aligned = None, True
+    if q.is_cuda:
+        props = torch.cuda.get_device_properties(q.device)
+        capability = (props.major, props.minor)
+        aligned = all(t.stride(-1) == 1 and t.storage_offset() % 8 == 0 for t in (q, k, v))
+    mask_kind = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
+    return AttentionCall(
+        device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1], q_len=q.shape[2],
+        kv_len=k.shape[2], heads=q.shape[1], kv_heads=k.shape[1], capability=capability, mask=mask_kind,
+        mask_requires_grad=attn_mask is not None and attn_mask.requires_grad, dropout=dropout_p > 0,
+        causal=bool(is_causal), requires_grad=any(t.requires_grad for t in (q, k, v)), aligned=aligned,
+        triton=use_triton(q), mode=mode)
 
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError:  # "No available kernel": neither backend takes these shapes / dtypes
-        return None
+
+def plan_for(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, mode="lean"):
+    """The :class:`~tempo_ds.ops.attention_dispatch.Plan` (backend and saved set) ``attention`` follows for
+    these arguments (after autocast's cast)."""
+    _check(q, k, v, attn_mask, dropout_p, mode)
+    q, k, v = _autocast_inputs(q, k, v)
+    return choose_backend(_describe(q, k, v, attn_mask, dropout_p, is_causal, mode))
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, mode="lean",
@@ -411,40 +533,36 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     (True = attend) or additive float, broadcastable to [B, H, Sq, Sk]; it may be combined with
     ``is_causal`` (top-left). A row with no visible key gives 0 (and zero gradients), like SDPA on CPU.
     ``dropout_p`` > 0 drops attention probabilities with a mask regenerated from a seed. ``mode``:
-    ``"lean"`` (q, k, v, o, lse saved) or ``"tempo"`` (q, k, v, P and a 1-bit mask saved).
-    ``block_size``: query rows per block of the PyTorch path (default: ~1M scores per block).
+    ``"lean"`` (q, k, v, o, lse saved) or ``"tempo"`` (q, k, v, P and a 1-bit mask saved); the backend that
+    runs is ``plan_for(...)``'s (module docstring). ``block_size``: query rows per block of the PyTorch path
+    (default: ~1M scores per block).
     """
     _check(q, k, v, attn_mask, dropout_p, mode)
     q, k, v = _autocast_inputs(q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    p, causal = float(dropout_p), bool(is_causal)
+    backend = choose_backend(_describe(q, k, v, attn_mask, p, causal, mode)).backend
+    if backend == "sdpa_flash":
+        return _sdpa_flash(q, k, v, p, causal, scale)
+    if backend == "sdpa_efficient":
+        return _sdpa_efficient(q, k, v, attn_mask, p, causal, scale)
+    seed = draw_seed(q.device) if p > 0 else None
+    if backend == "tempo":
+        inputs = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        return _tempo_fwd(q, k, v, attn_mask, seed, causal, scale, p, keep)[0]
     B, H, Sq, _ = q.shape
-    Sk = k.shape[2]
-    if mode == "lean" and q.is_cuda and dropout_p == 0 and attn_mask is None:
-        out = _try_sdpa(q, k, v, is_causal, scale)
-        if out is not None:
-            return out
-    seed = _rng.draw_seed() if dropout_p > 0 else 0
-    block = block_size or _default_block(B, H, Sq, Sk)
-    inputs = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if mode == "tempo":
-        if needs_grad:
-            return TempoAttentionFunction.apply(q, k, v, attn_mask, is_causal, scale, dropout_p, seed)
-        return _tempo_forward_any(q, k, v, attn_mask, is_causal, scale, dropout_p, seed)[0]
-    kernel_path = (q.dtype != torch.float64 and use_triton(q)
-                   and not (attn_mask is not None and attn_mask.requires_grad))
-    if needs_grad:
-        return LeanAttentionFunction.apply(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, block, kernel_path)
-    return _lean_forward_any(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, block, kernel_path)[0]
+    block = int(block_size or _default_block(B, H, Sq, k.shape[2]))
+    return _lean_fwd(q, k, v, attn_mask, seed, causal, scale, p, block, backend == "triton")[0]
 
 
 def compact_mask(mask: torch.Tensor | None, causal_allowed: bool) -> tuple[torch.Tensor | None, bool]:
     """Reduce a 4-D boolean ``[b, 1, s_q, s_k]`` mask to ``(padding row [b, 1, 1, s_k] or None, is_causal)``
     when that is exactly what it holds (checked elementwise); otherwise return it unchanged.
 
-    Whatever the Function keeps of its mask is saved for backward, and transformers builds full s x s masks
-    even when they only carry padding and causality."""
+    This reads the mask's values on the host (a device sync, and a graph break under ``torch.compile``):
+    transformers models never come here - their masks are built compact by ``tempo_ds.hf_attention`` - it
+    remains for callers that receive only a materialized mask (Megatron's ``TempoDotProductAttention``)."""
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2] == 1:
         return mask, False
     row = mask[..., -1:, :].clone()  # not a view: a view would keep the whole s x s mask alive
@@ -458,41 +576,9 @@ def compact_mask(mask: torch.Tensor | None, causal_allowed: bool) -> tuple[torch
     return mask, False
 
 
-def hf_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, mode="lean",
-                         **kwargs):
-    """A transformers 5.x attention function (``AttentionInterface.register(name, hf_attention_forward)``).
+def __getattr__(name):
+    if name == "hf_attention_forward":  # its home is tempo_ds.hf_attention (importing it here would be circular)
+        from tempo_ds.hf_attention import hf_attention_forward
 
-    Follows ``sdpa_attention_forward``: query [b, h, s_q, d], key/value [b, h_kv, s_k, d] (grouped-query
-    heads are handled natively, ``module.num_key_value_groups`` is not needed); ``attention_mask`` is
-    None, a boolean 4-d mask (True = attend, from ``sdpa_mask``) or an additive float 4-d mask (from
-    ``eager_mask``). A boolean mask that only carries padding and causality is reduced to a padding row
-    (see ``compact_mask``), so no s x s mask is saved. Causality comes from ``kwargs["is_causal"]`` or
-    ``module.is_causal``. ``dropout`` is already 0 in eval mode (the HF modules pass
-    ``0.0 if not self.training``). An additive ``position_bias`` (T5-style) is added to the mask.
-    ``mode`` is ``attention``'s. Returns ``(attn_output [b, s_q, h, d], None)``.
-    """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("hf_attention_forward does not support `softcap`; use the eager attention")
-    if kwargs.get("cache") is not None:
-        raise ValueError("hf_attention_forward does not support a paged `cache`; use sdpa or eager for generation")
-    q_len = query.shape[2]
-    is_causal = kwargs.get("is_causal")
-    is_causal = q_len > 1 and bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    mask, mask_causal = compact_mask(attention_mask, is_causal)
-    if attention_mask is not None:
-        # a causal mask's rows already hold causality; a bidirectional one (padding only) turns it off
-        is_causal = mask_causal
-    if is_causal and mask is None and key.shape[2] > q_len:  # prefill of an empty static cache, like sdpa
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    bias = kwargs.get("position_bias")
-    if bias is not None:
-        bias = bias[..., : key.shape[2]]
-        if mask is None:
-            mask = bias
-        elif mask.dtype == torch.bool:
-            mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
-        else:
-            mask = bias + mask
-    out = attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                    mode=mode)
-    return out.transpose(1, 2).contiguous(), None
+        return hf_attention_forward
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
