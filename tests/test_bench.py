@@ -154,8 +154,8 @@ def test_training_loss_is_the_models_own_loss(arch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--arch", "t5"], "arch='t5' is not supported; allowed values: bert, roberta, gpt2, llama"),
-    (["--size", "huge"], "size='huge' is not supported; allowed values: tiny, base, medium, large"),
+    (["--arch", "t5"], "arch='t5' is not supported; allowed values: bert, roberta, gpt2, llama, qwen3, gemma, mixtral"),
+    (["--size", "huge"], "size='huge' is not supported; allowed values: tiny, small, base, medium, large"),
     (["--size", "medium"], "size='medium' is not defined for bert; allowed values: tiny, base, large"),
     (["--dtype", "int8"], "dtype='int8' is not supported; allowed values: fp32, bf16, fp16"),
     (["--variants", "eager,flash"], "unknown variant(s) 'flash'; allowed: eager, sdpa, gelu=recompute"),

@@ -11,7 +11,8 @@ import torch
 
 from .corpus import EMBEDDED_CORPUS, load_texts
 
-ARCH_IS_MLM = {"bert": True, "roberta": True, "gpt2": False, "llama": False}
+ARCH_IS_MLM = {"bert": True, "roberta": True, "gpt2": False, "llama": False, "qwen3": False, "gemma": False,
+               "mixtral": False}
 _EMBEDDED_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids
 
 
