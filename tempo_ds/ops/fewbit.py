@@ -89,9 +89,26 @@ class FewBitSpec(NamedTuple):
 def resolve(name: str, bits: int = 2, table=None) -> FewBitSpec:
     """Check ``name``/``bits``/``table`` and turn them into a :class:`FewBitSpec`.
 
-    ``table=None`` takes the shipped table (``tempo_ds.fewbit.table(name, bits)``); a given
-    ``(borders, levels)`` must have ``2**bits`` levels.
+    ``table=None`` takes the shipped table (``tempo_ds.fewbit.table(name, bits)``), resolved once per
+    ``(name, bits)``; a given ``(borders, levels)`` must have ``2**bits`` levels and is read on the host
+    each call (pass Python floats, or build a module once, to keep a training step free of reads).
     """
+    if table is None:
+        return _shipped(name, bits)
+    return _resolve(name, bits, table)
+
+
+_SHIPPED: dict = {}
+
+
+@torch.compiler.assume_constant_result  # a host constant: torch.compile calls it instead of tracing it
+def _shipped(name: str, bits: int) -> FewBitSpec:
+    if (name, bits) not in _SHIPPED:
+        _SHIPPED[name, bits] = _resolve(name, bits, None)
+    return _SHIPPED[name, bits]
+
+
+def _resolve(name: str, bits: int, table) -> FewBitSpec:
     act = functions.get(name)
     if not act.exact and bits not in range(1, 5):
         raise ValueError(f"bits={bits!r} is not supported; allowed values: 1..4")

@@ -151,6 +151,12 @@ def branch_threshold(approximate: str, dtype: torch.dtype) -> float:
     return t.item()
 
 
+@functools.lru_cache(maxsize=None)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``: a host constant, computed once (no tensor read per call)."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
 def newton_steps(dtype: torch.dtype) -> int:
     """Newton steps after the guess: enough for the compute precision of ``dtype`` inputs."""
     return {torch.float64: 3, torch.float32: 2}.get(dtype, 1)
@@ -214,7 +220,7 @@ def gelu_slope_from_output(y: torch.Tensor, right: torch.Tensor, approximate: st
     """
     tab = TABLES[approximate]
     s, x, in_a, u, v, w = work
-    y_hi = float(torch.tensor(tab.y_min, dtype=torch.float64).to(y.dtype))
+    y_hi = _rounded(tab.y_min, y.dtype)
     torch.sub(y, y_hi, out=s).sub_(tab.y_min - y_hi).clamp_min_(0).sqrt_()  # y - y_hi is exact
     s.copysign_(torch.sub(right, 0.5, out=w))
 

@@ -103,8 +103,8 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Option
 @_bwd.register_fake
 def _(dout, x, weight, bias, approximate, transposed, compute_dtype, needs):
     need_x, need_w, need_b = needs
-    empty = dout.new_empty(0)
-    return [x.new_empty(x.shape) if need_x else empty, weight.new_empty(weight.shape) if need_w else empty,
+    return [x.new_empty(x.shape) if need_x else dout.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else dout.new_empty(0),
             bias.new_empty(bias.shape) if need_b and bias is not None else dout.new_empty(0)]
 
 

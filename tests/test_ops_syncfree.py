@@ -1,0 +1,114 @@
+"""No host syncs in the ops of tempo_ds.ops (DESIGN.md section 5, rules 10-11), proven on CPU three ways:
+
+* eagerly, under a dispatch mode that fails on every read of a tensor's value by the host
+  (``aten._local_scalar_dense``, behind ``.item()``, ``bool(t)``, ``if t.any():``; and ``aten.equal``),
+  forward and backward, the op implementations included -- with weights that need the norms' side buffer;
+* ``torch.compile(fullgraph=True)`` of forward + backward (no graph break, no data-dependent guard), equal
+  to eager;
+* ``torch.export`` of the forward, equal to eager.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tempo_ds import ops
+
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+              torch.ops.aten.is_nonzero.default}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raise on any aten op that hands a tensor's value to the host (a device-to-host sync on CUDA)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise AssertionError(f"host read of a tensor value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch):
+    monkeypatch.setenv("TEMPO_DS_TRITON", "0")
+
+
+def _bad_weight(n, gen):
+    """Norm weight with a zero, a tiny entry and one small next to its bias: three side-buffer columns."""
+    w = torch.rand(n, generator=gen) + 0.5
+    w[1], w[4], w[6] = 0.0, 1e-39, 0.01
+    return nn.Parameter(w)
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    n = 16
+    b = nn.Parameter(torch.rand(n, generator=gen) - 0.5)
+    w_ln, w_rms = _bad_weight(n, gen), _bad_weight(n, gen)
+    lin = nn.Linear(n, 8)
+    return {
+        "layer_norm": (lambda x: ops.inplace_layer_norm(x, n, w_ln, b), [w_ln, b]),
+        "rms_norm": (lambda x: ops.inplace_rms_norm(x, w_rms), [w_rms]),
+        "gelu": (lambda x: ops.inplace_gelu(x, "tanh"), []),
+        "gelu_linear": (lambda x: ops.gelu_linear(x, lin.weight, lin.bias), [lin.weight, lin.bias]),
+        "seed_dropout": (lambda x: ops.seed_dropout(x, 0.3), []),
+        "fewbit": (lambda x: ops.fewbit(x, "silu", bits=2), []),
+    }
+
+
+CASES = _cases()
+
+
+def _run(fn, params, x, g, seed=0):
+    """Output and the gradients of x and ``params`` after one forward and backward (global RNG at ``seed``)."""
+    for p in params:
+        p.grad = None
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)
+    y = fn(x)
+    y.backward(g)
+    return [y.detach(), x.grad] + [p.grad.clone() for p in params]
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 16, generator=gen)
+    return x, torch.randn(3, 5, 8 if False else 16, generator=gen)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_backward_read_nothing_on_the_host(name):
+    fn, params = CASES[name]
+    x, g = _inputs()
+    if name == "gelu_linear":
+        g = g[..., :8]
+    eager = _run(fn, params, x, g)  # fills the host-constant caches (tables, thresholds) first
+    with NoHostReads():
+        again = _run(fn, params, x, g)
+    for a, b in zip(eager, again):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(t).all() for t in again)  # the norms' zero/tiny weights come from the side buffer
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
+        bool(x.sum() > 0)  # the detector does see a sync
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compile_fullgraph_forward_backward_and_export_equal_eager(name):
+    fn, params = CASES[name]
+    x, g = _inputs()
+    if name == "gelu_linear":
+        g = g[..., :8]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for c, e in zip(_run(compiled, params, x, g), _run(fn, params, x, g)):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+    class Wrapped(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    torch.manual_seed(0)
+    exported = torch.export.export(Wrapped(), (x.requires_grad_(),))
+    torch.manual_seed(0)
+    out = exported.module()(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, fn(x), rtol=0, atol=0)
