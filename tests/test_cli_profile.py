@@ -9,6 +9,7 @@ import pytest
 
 from tempo_ds import presets
 from tempo_ds.cli import main
+from tempo_ds.ops.layer_norm import side_columns
 from tempo_ds.profile import profile
 
 SCRIPT = shutil.which("tempo-ds") or str(Path(sys.executable).parent / "tempo-ds")
@@ -78,7 +79,9 @@ def test_profile_with_tempo_and_each_technique(tmp_path):
     assert runs["baseline"]["tempo"] is None and runs["tempo_ds"]["tempo"]["gelu"] == "recompute"
     s, b, h, a, i = 32, 2, 128, 2, 512
     # all exact techniques: LayerNorm outputs, q, k, v, attention output, GELU input (bf16) + rstd and lse (fp32)
-    assert runs["tempo_ds"]["per_layer_bytes"][1] == 2 * s * b * (6 * h + i) + 4 * s * b * 2 + 4 * b * a * s
+    k = side_columns(h, True)  # + each LayerNorm's side buffer: bf16 xhat of k columns, their int64 indices
+    assert runs["tempo_ds"]["per_layer_bytes"][1] == (2 * s * b * (6 * h + i) + 4 * s * b * 2 + 4 * b * a * s
+                                                      + 2 * (2 * s * b * k + 8 * k))
     for name, run in runs.items():
         if name in ("only silu=fewbit (2 bit)", "only mlp=recompute"):  # BERT has no SiLU, no gated MLP
             assert run["bytes_per_layer"] == runs["baseline"]["bytes_per_layer"]

@@ -9,6 +9,7 @@ from torch import nn
 import tempo_ds
 from tempo_ds.config import TempoConfigError
 from tempo_ds.memory import SavedTensorMeter
+from tempo_ds.ops.layer_norm import side_columns
 
 EXACT = dict(gelu="recompute", norm="inplace", attention="lean", dropout="seed")
 
@@ -123,7 +124,8 @@ def test_bert_per_layer_bytes_drop_to_the_design_budget():
     assert before == [2 * s * b * (10 * h + 2 * i + 3 * a * s + 4)] * 2
     tempo_ds.inject(model, **EXACT)
     after = _layer_bytes(model, batch)
-    expected = 2 * s * b * (6 * h + i) + 4 * s * b * 2 + 4 * b * a * s
+    k = side_columns(h, True)  # each LayerNorm's side buffer: bf16 xhat of k columns and their int64 indices
+    expected = 2 * s * b * (6 * h + i) + 4 * s * b * 2 + 4 * b * a * s + 2 * (2 * s * b * k + 8 * k)
     # layer 0 also pays for its input: the embeddings' dropout output, which only its q/k/v Linears keep
     # (every later layer's input is the previous layer's LayerNorm output, charged there)
     assert after == [expected + 2 * s * b * h, expected]

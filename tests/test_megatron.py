@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from tempo_ds import megatron as tm  # noqa: E402
 from tempo_ds.memory import SavedTensorMeter  # noqa: E402
+from tempo_ds.ops.layer_norm import side_columns  # noqa: E402
 from tempo_ds.nn import InplaceGELU, InplaceLayerNorm, InplaceRMSNorm  # noqa: E402
 
 S, B, H, N, V, L = 16, 2, 64, 4, 128, 2  # seq, batch, hidden, heads, vocab, layers
@@ -213,14 +214,15 @@ def test_meter_shows_per_layer_saving():
     """Per layer, fp32 (s=16, b=2, h=64, n=4, d=16, ffn=256), what the tempo layer does not keep:
 
     * each of the 2 LayerNorms: its input x [s, b, h] and mean [s, b] (it keeps its output, which the
-      next Linear keeps anyway, and rstd): 2 * (s*b*h + s*b) * 4 = 16,640
+      next Linear keeps anyway, and rstd), less its side buffer (fp32 xhat of k = 8 columns and their int64
+      indices): 2 * (s*b*h + s*b) * 4 - 2 * (s*b*8*4 + 64) = 16,640 - 2,176 = 14,464
     * GELU: its input [s, b, ffn] (it keeps its output, which linear_fc2 keeps anyway, and 1 bit per
       element): s*b*ffn*4 - s*b*ffn/8 = 32,768 - 1,024 = 31,744
     * attention: the probabilities P [b, n, s, s] (kept for softmax backward and P @ V), against the
       output o [b, n, s, d] and the float32 log-sum-exp [b, n, s] kept by the lean op:
       b*n*s*s*4 - (b*n*s*d*4 + b*n*s*4) = 8,192 - 8,192 - 512 = -512. (At s = d the s x s tensor is no
       bigger than o; the saving grows as s*s - s*d.)
-    = 47,872 per layer; in layer 0 the reference also keeps the model's bool causal mask (s*s = 256
+    = 45,696 per layer; in layer 0 the reference also keeps the model's bool causal mask (s*s = 256
     bytes, saved first by its masked_fill; tempo's op reduces it to is_causal and keeps no mask).
     """
     tempo, ref = build(tm.tempo_layer_spec()), build(reference_spec())
@@ -229,11 +231,12 @@ def test_meter_shows_per_layer_saving():
     _, _, m_r = run(ref, meter=True)
     assert len(m_t.per_layer) == L
     d = H // N
-    ln = 2 * (S * B * H + S * B) * 4
+    k = side_columns(H, True)  # less each in-place LayerNorm's side buffer: xhat of k columns, their indices
+    ln = 2 * (S * B * H + S * B) * 4 - 2 * (S * B * k * 4 + 8 * k)
     gelu = S * B * FFN * 4 - S * B * FFN // 8
     attn = B * N * S * S * 4 - (B * N * S * d * 4 + B * N * S * 4)
     per_layer = ln + gelu + attn
-    assert per_layer == 47_872
+    assert per_layer == 45_696
     savings = [r - t for r, t in zip(m_r.per_layer, m_t.per_layer)]
     assert savings == [per_layer + S * S, per_layer], (
         m_r.table(m_r.layer_records(0)) + "\n" + m_t.table(m_t.layer_records(0)))
