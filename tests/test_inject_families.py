@@ -148,7 +148,8 @@ _NORMS = {
               ("self_attn.q_norm", "llama", A, HD, False), ("self_attn.k_norm", "llama", KV, HD, False)],
     "gemma": [("input_layernorm", "gemma", 1, H, True), ("post_attention_layernorm", "gemma", 1, H, True)],
     "gemma2": [("input_layernorm", "gemma", 1, H, True), ("post_attention_layernorm", "gemma", 1, H, False),
-               ("pre_feedforward_layernorm", "gemma", 1, H, True), ("post_feedforward_layernorm", "gemma", 1, H, False)],
+               ("pre_feedforward_layernorm", "gemma", 1, H, True),
+               ("post_feedforward_layernorm", "gemma", 1, H, False)],
     "phi3": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True)],
     "mixtral": [("input_layernorm", "llama", 1, H, True), ("post_attention_layernorm", "llama", 1, H, True)],
     "olmo2": [("post_attention_layernorm", "olmo2", 1, H, False), ("post_feedforward_layernorm", "olmo2", 1, H, False),
@@ -204,7 +205,8 @@ def test_norm_families_are_exact_and_keep_the_derived_bytes(family):
     plain = _family(family)
     lean = copy.deepcopy(plain)
     report = tempo_ds.inject(lean, **NORM_ONLY)
-    norms_in_layer = sum(1 if kind not in ("layer_norm",) or rows == 1 else rows for _, kind, rows, _, _ in _NORMS[family])
+    # one module per entry, except StableLM's per-head lists: one nn.LayerNorm per head
+    norms_in_layer = sum(rows if kind == "layer_norm" else 1 for _, kind, rows, _, _ in _NORMS[family])
     assert report.counts() == {"norm=inplace": 2 * norms_in_layer + 1}, str(report)   # every layer + final norm
     assert not [s for s in report.skipped if "norm" in s.reason], str(report)
 

@@ -11,14 +11,16 @@ head, each row normalised over ``head_dim``). Since ``xc * rstd`` is the RMSNorm
 centring keeps nothing for backward, the module runs ``tempo_ds.ops`` as follows:
 
 * ``[N]`` weight, 16-bit input: ``inplace_layer_norm`` (aten's fused LayerNorm computes in float32 and rounds
-  once, like HF; autocast off as in HF's module). Keeps the 16-bit output, shared with the next Linear, and
-  ``rstd``: ``4*M`` bytes of its own for ``M`` rows.
+  once, like HF; autocast off as in HF's module). Keeps the 16-bit output, shared with the next Linear,
+  ``rstd`` and the op's side buffer: ``4*M + M*K*e + 8*K`` bytes of its own for ``M`` rows (``e`` = 2,
+  ``K = side_columns(N)``, see ``tempo_ds.ops.layer_norm``).
 * ``[N]`` weight, float32/float64 input: ``inplace_rms_norm(xc, w, casting="torch")``, HF's operations in
   HF's order, so the forward equals HF's bit for bit (aten's LayerNorm differs in the last bit). Keeps the
-  output (shared with the next Linear) and ``rstd``.
+  output (shared with the next Linear), ``rstd`` and the side buffer (float32 here).
 * ``[heads, head_dim]`` weight (q/k norms): ``w * inplace_rms_norm(xc)`` in float32, rounded once: HF's result
   bit for bit in every dtype. Keeps the float32 ``xc * rstd`` (``4*M*N`` bytes: the op and the product share
-  it) and ``rstd``; the op takes only a ``[N]`` weight, so a 16-bit output cannot be kept here.
+  it) and ``rstd`` (no weight, no side buffer); the op takes only a ``[N]`` weight, so a 16-bit output cannot
+  be kept here.
 
 HF's module keeps, per element, the float32 centred input twice (it subtracts the mean twice) and the float32
 ``xc * rstd``: ``12*M*N + 4*M`` bytes.

@@ -4,14 +4,15 @@
 forward equal to the original's bit for bit in float32) and raises ``TypeError`` naming the arithmetic it
 lacks otherwise. ``is_norm(module)`` says whether a module is a norm at all (for reports of what was left alone).
 
-| arithmetic (reference class)  | families (transformers 5.x)                                  | replacement           |
-|-------------------------------|---------------------------------------------------------------|-----------------------|
-| ``torch.nn.LayerNorm``        | BERT, GPT-2, OPT, StableLM (incl. its per-head q/k norms)...  | InplaceLayerNorm      |
-| ``torch.nn.RMSNorm``          | models built on torch's module                                | InplaceRMSNorm        |
-| ``LlamaRMSNorm``              | Llama, Mistral, Qwen2, Qwen3 (also q/k), Phi-3, Mixtral, Granite | InplaceRMSNorm ("llama") |
-| ``Olmo2RMSNorm``              | OLMo 2/3 (pre, post and whole-projection q/k norms)            | InplaceRMSNorm ("torch") |
-| ``GemmaRMSNorm`` (``1 + w``)  | Gemma, Gemma 2, Gemma 3 (also q/k), Qwen3-Next                 | InplaceGemmaRMSNorm   |
-| ``CohereLayerNorm``           | Cohere, Cohere 2 (also per-head q/k)                           | InplaceCohereLayerNorm |
+Arithmetic (reference class) -> replacement; families in transformers 5.x:
+
+* ``torch.nn.LayerNorm`` -> InplaceLayerNorm: BERT, GPT-2, OPT, StableLM (with its per-head q/k norms), ...
+* ``torch.nn.RMSNorm`` (one dimension) -> InplaceRMSNorm (``casting="torch"``).
+* ``LlamaRMSNorm`` -> InplaceRMSNorm (``"llama"``): Llama, Mistral, Qwen2, Qwen3 (also its per-head q/k
+  norms), Phi-3, Mixtral, Granite, and other verbatim copies.
+* ``Olmo2RMSNorm`` -> InplaceRMSNorm (``"torch"``): OLMo 2/3 (post-norms, q/k norms over the projection).
+* ``GemmaRMSNorm`` (``1 + w``) -> InplaceGemmaRMSNorm: Gemma, Gemma 2, Gemma 3 (also q/k), Qwen3-Next.
+* ``CohereLayerNorm`` -> InplaceCohereLayerNorm: Cohere, Cohere 2 (also per-head q/k).
 
 A class matches a reference when its methods have the reference's bytecode, constants and attribute names
 (transformers' "Copied from" classes do); a patched class (Liger's ``LigerRMSNorm``), T5's ``T5LayerNorm``

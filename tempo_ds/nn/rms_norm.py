@@ -15,14 +15,16 @@ scale with a zero entry (Gemma's ``w = -1``) or a tiny one makes the op keep ``x
 
 Bytes kept for ``M`` rows of ``N``, with HF's eager modules for comparison (``e`` = bytes of the input dtype):
 
-* ours: ``M*N*e`` (the output) + ``4*M``; Gemma also ``4*N`` (the float32 scale, which HF keeps too).
+* ours: ``M*N*e`` (the output) + ``4*M`` + the op's side buffer ``M*K*e + 8*K`` (``x * rstd`` of the ``K``
+  worst-conditioned columns and their indices; ``K = side_columns(N)``: 8 up to ``N = 512``, ``N/64`` above);
+  Gemma also ``4*N`` (the float32 scale, which HF keeps too).
 * HF Llama-style: ``M*N*(4 + e)`` + ``4*M`` (float32 ``x`` and the rounded ``x * rstd``);
   OLMo 2 and Gemma: ``M*N*8`` + ``4*M`` (float32 ``x`` and ``x * rstd``).
 
 The output is free when the next module keeps it anyway (a pre-norm feeding q/k/v or gate/up Linears, or
 the final norm feeding the LM head). A post-norm (OLMo 2, Gemma 2/3 ``post_*_layernorm``, whose output goes
 to a residual add) and a q/k norm (output goes to RoPE, which keeps only its tables) keep it alone:
-``M*N*e + 4*M``, still less than HF's module.
+``M*N*e`` plus the statistics, still less than HF's module.
 """
 from __future__ import annotations
 
