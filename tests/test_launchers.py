@@ -110,7 +110,7 @@ def reference(tmp_path_factory):
 def test_deepspeed_single_node(reference):
     assert [r["local_rank"] for r in reference] == [0, 1]
     assert reference[0]["tempo"] == {"gelu": "recompute", "silu": "off", "mlp": "recompute", "norm": "inplace",
-                                     "attention": "lean", "dropout": "seed"}
+                                     "attention": "lean", "dropout": "seed", "lm_loss": "chunked"}
     assert reference[0]["losses"][-1] < reference[0]["losses"][0]
 
 
