@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+BLOCK = 512  # common MLP widths (1536, 5632, 11008, 14336) are multiples of 512, not all of 1024
 ACTIVATIONS = ("silu", "gelu_tanh")
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
