@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tempo_ds.ops._bits import pack_bits, packed_nbytes, unpack_bits
-from tempo_ds.ops._rng import draw_seed, drop_threshold, keep_mask, mix32, uniform_u32
+from tempo_ds.ops._library import draw_seed as device_seed
+from tempo_ds.ops._rng import draw_seed, drop_threshold, keep_mask, mix32, uniform_u32, uniform_u32_range
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -57,6 +58,19 @@ def test_thresholds_and_seed_source():
     a = draw_seed()
     torch.manual_seed(3)
     assert draw_seed() == a   # drawn from the default generator, so checkpoints replay it
+    torch.manual_seed(3)
+    seed = device_seed(torch.device("cpu"))   # what the ops draw: the same value, as a 1-element int64 tensor
+    assert seed.dtype == torch.int64 and seed.shape == (1,) and int(seed) == a
+
+
+def test_a_device_seed_gives_the_bits_of_the_int_seed():
+    """Tensor seeds (never read on the host) and int seeds hash alike, across a 2**32 window of indices too."""
+    seed = torch.tensor([12345])
+    for start, count in ((0, 70_000), (2**32 - 50, 100), (2**33, 9)):
+        index = torch.arange(start, start + count)
+        assert torch.equal(uniform_u32_range(seed, start, count, "cpu"), uniform_u32(12345, index))
+        assert torch.equal(uniform_u32(seed, index), uniform_u32(12345, index))
+        assert torch.equal(keep_mask(seed, 0.3, start, count, "cpu"), keep_mask(12345, 0.3, start, count, "cpu"))
 
 
 def test_int32_hash_path_equals_the_int64_definition():

@@ -10,12 +10,13 @@ from helpers import ALL_DTYPES, CHECKPOINT_MODES, assert_checkpoint_matches, sav
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import SeedDropout
 from tempo_ds.ops import _rng, seed_dropout
+from tempo_ds.ops._library import draw_seed
 
 
-def _seed_after(seed: int) -> int:
-    """The seed ``seed_dropout`` draws right after ``torch.manual_seed(seed)``."""
+def _seed_after(seed: int) -> torch.Tensor:
+    """The seed ``seed_dropout`` draws right after ``torch.manual_seed(seed)``: a 1-element int64 tensor."""
     torch.manual_seed(seed)
-    return _rng.draw_seed()
+    return draw_seed(torch.device("cpu"))
 
 
 def _expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

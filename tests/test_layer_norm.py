@@ -135,6 +135,70 @@ def test_rebuilding_from_the_output_with_a_zero_weight_is_what_goes_wrong(monkey
     assert torch.isnan(dx).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_up_to_k_bad_columns_are_exact_and_the_saved_set_does_not_depend_on_them(dtype):
+    """K = 8 bad columns at once (zeros, a subnormal, |b| > |w|, a NaN-free mix), 16-bit: within 2x of PyTorch's
+    error for every gradient; the saved tensors' shapes and dtypes are those of a good weight (rule 9)."""
+    rows, n = 64, 40
+    x, w, b, g = _inputs((rows,), (n,), dtype)
+    bad = w.clone()
+    bad[[0, 3, 7]] = 0.0
+    bad[11] = torch.finfo(dtype).tiny / 8
+    bad[[15, 20, 33, 39]] = 0.02  # next to biases up to 0.5
+    b[[15, 20, 33, 39]] = torch.tensor([0.5, -0.4, 0.3, -0.25], dtype=dtype)
+    assert side_columns(n, True) == 8 and int((~torch.isclose(bad, w)).sum()) == 8
+
+    def layout(weight):
+        meter, _ = _saved(inplace_layer_norm, x.detach().requires_grad_(), n, nn.Parameter(weight), nn.Parameter(b))
+        return sorted((str(r.dtype), r.shape) for r in meter.saved), meter.total_bytes
+
+    assert layout(bad) == layout(w)
+    ref = _forward_backward(F.layer_norm, x, (n,), bad, b, g, torch.float64)
+    theirs = _forward_backward(F.layer_norm, x, (n,), bad, b, g)
+    ours = _forward_backward(inplace_layer_norm, x, (n,), bad, b, g)
+    for name, o, t, r in zip(["y", "dx", "dw", "db"], ours, theirs, ref):
+        assert torch.isfinite(o).all(), name
+        assert_within_2x_of_torch(o, t, r, what=f"{name} {dtype}")
+
+
+def test_beyond_k_bad_columns_the_error_is_bounded_by_the_kth_score():
+    """12 columns with |b|/|w| = 2..13 and K = 8: the 8 worst come from the side buffer; the others' xhat errs
+    by at most u*(|xhat| + s_(K+1)), s_(K+1) = 5 here, so dw_j errs by at most sum_rows |g| u (|xhat| + 5)."""
+    rows, n, dtype = 256, 40, torch.bfloat16
+    x, w, b, g = _inputs((rows,), (n,), dtype)
+    cols = torch.arange(12) * 3
+    w[cols] = 0.1
+    b[cols] = (0.1 * torch.arange(2, 14, dtype=torch.float64)).to(dtype)
+    ref = _forward_backward(F.layer_norm, x, (n,), w, b, g, torch.float64)
+    ours = _forward_backward(inplace_layer_norm, x, (n,), w, b, g)
+    u = torch.finfo(dtype).eps / 2
+    xhat = (ref[0] - b.double()) / w.double()
+    bound = (g.double().abs() * u * (xhat.abs() + 5.2)).sum(0)  # 5.2: the 9th ratio, b and w rounded to bf16
+    err = (ours[2].double() - ref[2]).abs()
+    slack = 2 * u * ref[2].abs()  # dw's own rounding to bf16
+    assert (err <= bound + slack).all()
+    worst = cols[-8:]  # ratios 6..13: patched, as exact as any good column
+    assert (err[worst] <= slack[worst] + (g.double().abs() * u * xhat.abs()).sum(0)[worst]).all()
+
+
+def test_keep_input_saves_pytorchs_set_and_is_exact_for_a_zero_weight():
+    """A weight initialised to zero leaves every column bad: ``keep_input=True`` keeps x, mean and rstd."""
+    rows, n = 13, 37
+    x, _, b, g = _inputs((rows,), (n,), torch.bfloat16)
+    w = torch.zeros(n, dtype=torch.bfloat16)
+    meter, _ = _saved(lambda *a: inplace_layer_norm(*a, keep_input=True), x.requires_grad_(), n, nn.Parameter(w),
+                      nn.Parameter(b))
+    assert meter.total_bytes == rows * n * 2 + 2 * rows * 4  # x, mean and rstd (float32)
+    x = x.detach()
+    ref = _forward_backward(F.layer_norm, x, (n,), w, b, g, torch.float64)
+    theirs = _forward_backward(F.layer_norm, x, (n,), w, b, g)
+    ours = _forward_backward(lambda *a: inplace_layer_norm(*a, keep_input=True), x, (n,), w, b, g)
+    for name, o, t, r in zip(["y", "dx", "dw", "db"], ours, theirs, ref):
+        assert_within_2x_of_torch(o, t, r, what=name)
+    # without it, more zero weights than K make the rows' gradients NaN: loud, never silently wrong
+    assert torch.isnan(_forward_backward(inplace_layer_norm, x, (n,), w, b, g)[1]).all()
+
+
 def test_invertibility_rule():
     f32 = torch.float32
     ones = torch.ones(4)

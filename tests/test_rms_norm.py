@@ -156,6 +156,36 @@ def test_rebuilding_from_the_output_with_a_zero_weight_is_what_goes_wrong(monkey
     assert torch.isnan(dx).all()
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [(BF16, BF16), (F16, F16), (BF16, F32)])
+def test_up_to_k_zero_weights_are_exact_and_keep_input_covers_any_weight(x_dtype, w_dtype):
+    """K = 8 zero or subnormal weights: HF's gradients (within 2x vs float64) from the side buffer, with the same
+    saved shapes as a good weight. An all-zero weight needs ``keep_input=True`` (x and rstd, HF-exact); without
+    it its gradients are NaN, never silently wrong."""
+    rows, n = 64, 40
+    x, w, g = _inputs((rows,), n, x_dtype, w_dtype)
+    bad = w.clone()
+    bad[[0, 5, 9, 13, 21, 30, 38]] = 0.0
+    bad[17] = torch.finfo(w_dtype).tiny / 8
+    assert side_columns(n, True) == 8
+
+    def layout(weight, **kw):
+        meter, _ = _saved(lambda a, b: inplace_rms_norm(a, b, **kw), x.clone().requires_grad_(), nn.Parameter(weight))
+        return sorted((str(r.dtype), r.shape) for r in meter.saved), meter.total_bytes
+
+    assert layout(bad) == layout(w)
+    zero = torch.zeros_like(w)
+    assert layout(zero, keep_input=True)[1] == rows * n * x.element_size() + rows * 4
+    for weight, kw in ((bad, {}), (zero, {"keep_input": True})):
+        ref = _forward_backward(_reference, x.double(), weight.double(), g)
+        theirs = _hf_forward_backward(x, weight, g)
+        ours = _forward_backward(lambda a, b: inplace_rms_norm(a, b, **kw), x, weight, g)
+        assert torch.equal(ours[0], theirs[0])
+        for name, o, t, r in zip(["dx", "dw"], ours[1:], theirs[1:], ref[1:]):
+            assert torch.isfinite(o).all(), name
+            assert_within_2x_of_torch(o, t, r, what=f"{name} {kw}")
+    assert torch.isnan(_forward_backward(inplace_rms_norm, x, zero, g)[1]).all()
+
+
 def test_non_contiguous_and_empty_input():
     x, w, g = _inputs((37,), 13, F32, F32)
     xt = x.t().contiguous().t()
