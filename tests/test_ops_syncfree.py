@@ -69,18 +69,17 @@ def _run(fn, params, x, g, seed=0):
     return [y.detach(), x.grad] + [p.grad.clone() for p in params]
 
 
-def _inputs():
+def _inputs(name):
+    """x [3, 5, 16] and a cotangent of the op's output (gelu_linear maps 16 features to 8)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 16, generator=gen)
-    return x, torch.randn(3, 5, 8 if False else 16, generator=gen)
+    return x, torch.randn(3, 5, 8 if name == "gelu_linear" else 16, generator=gen)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_backward_read_nothing_on_the_host(name):
     fn, params = CASES[name]
-    x, g = _inputs()
-    if name == "gelu_linear":
-        g = g[..., :8]
+    x, g = _inputs(name)
     eager = _run(fn, params, x, g)  # fills the host-constant caches (tables, thresholds) first
     with NoHostReads():
         again = _run(fn, params, x, g)
@@ -94,9 +93,7 @@ def test_forward_and_backward_read_nothing_on_the_host(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_compile_fullgraph_forward_backward_and_export_equal_eager(name):
     fn, params = CASES[name]
-    x, g = _inputs()
-    if name == "gelu_linear":
-        g = g[..., :8]
+    x, g = _inputs(name)
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for c, e in zip(_run(compiled, params, x, g), _run(fn, params, x, g)):
@@ -112,3 +109,26 @@ def test_compile_fullgraph_forward_backward_and_export_equal_eager(name):
     out = exported.module()(x)
     torch.manual_seed(0)
     torch.testing.assert_close(out, fn(x), rtol=0, atol=0)
+
+
+def test_opcheck_fake_implementations_and_autograd():
+    """``torch.library.opcheck``: schema, fake implementations against the real ones (shapes, strides, dtypes,
+    no aliasing) and the registered autograd under AOT dispatch, one representative call per op."""
+    from tempo_ds.ops._library import draw_seed
+    from tempo_ds.ops.fewbit import resolve
+
+    T = torch.ops.tempo_ds
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w, b = _bad_weight(16, torch.Generator().manual_seed(2)), nn.Parameter(torch.rand(16) - 0.5)
+    lin = nn.Linear(16, 8)
+    silu = resolve("silu", 2)
+    calls = [(T.inplace_layer_norm_fwd, (x, w, b, [16], 1e-5, "output")),
+             (T.inplace_layer_norm_fwd, (x, w, b, [16], 1e-5, "input")),
+             (T.inplace_rms_norm_fwd, (x.detach().bfloat16().requires_grad_(), w, 1e-6, "llama", torch.float32,
+                                       "output")),
+             (T.inplace_gelu_fwd, (x, "none")),
+             (T.gelu_linear_fwd, (x, lin.weight, lin.bias, "tanh", False, torch.bfloat16)),
+             (T.seed_dropout_fwd, (x, draw_seed(x.device), 0.3)),
+             (T.fewbit_fwd, (x, "silu", 2, list(silu.borders), list(silu.levels), silu.band, silu.nan_code))]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
