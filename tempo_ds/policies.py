@@ -185,6 +185,11 @@ class Policy:
                                    f"attention={cfg.attention}: the model does not dispatch attention through "
                                    "transformers' AttentionInterface"))
             return None
+        if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2
+            plan.skips.append(Skip("<attention>", type(model).__name__,
+                                   f"attention={cfg.attention}: the model soft-caps its attention scores "
+                                   "(config.attn_logit_softcapping), which tempo_ds's attention does not compute"))
+            return None
         from .hf_attention import implementation_name
 
         return implementation_name(cfg.attention)
