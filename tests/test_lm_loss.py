@@ -60,7 +60,7 @@ def test_opcheck_and_tiles():
 
     h, w, b, y = _op_inputs(torch.float32)
     torch.library.opcheck(_forward, (h.requires_grad_(), w.requires_grad_(), b, y, -100, 2.0, None, None, 4, 5))
-    assert tile_shape(512, 128256) == (512, 16384) and tile_shape(65536, 128256) == (4096, 2048)
+    assert tile_shape(512, 128256) == (512, 16384) and tile_shape(65536, 128256) == (1024, 8192)
     assert tile_shape(16, 512) == (16, 512) and tile_shape(16, 512, 3, 7) == (3, 7)
 
 
@@ -219,11 +219,12 @@ def test_bf16_within_2x_of_hf_error_against_float64():
 
 
 def test_bytes_outside_the_layers_llama_bf16():
-    """Outside the layers tempo_ds keeps: the token ids (int64), the final norm's output (bf16) and row rstd
-    (float32), the shifted labels (int64), a float32 log-sum-exp per token and the int64 count of labels:
-    2h + 24 bytes per token + 8, where HF keeps the float32 log-softmax (4V bytes per token) besides."""
+    """Outside the layers the head + loss keep, beyond what the final norm keeps anyway (its output is the op's
+    saved input, the same storage): the shifted labels (int64), a float32 log-sum-exp per token and the int64
+    count of labels -- 12 bytes per token + 8. HF's loss keeps the float32 log-softmax (4V bytes per token),
+    its int64 target and a float32 scalar."""
     model = _tiny("llama").bfloat16()
-    b, s, h = 2, 12, 32
+    tokens, vocab = 2 * 12, 96
     batch = _batch("llama")
 
     def outside(lm_loss):
@@ -231,11 +232,19 @@ def test_bytes_outside_the_layers_llama_bf16():
         tempo_ds.inject(m, lm_loss=lm_loss)
         with SavedTensorMeter(m) as meter:
             m(**batch)
-        return sum(r.nbytes for r in meter.saved if meter.layer_of(r.module) is None)
+        return [r for r in meter.saved if meter.layer_of(r.module) is None]
 
-    tokens = b * s
-    assert outside("chunked") == tokens * (2 * h + 24) + 8
-    assert outside("off") == tokens * (2 * h + 4 + 8) + tokens * 96 * 4 + tokens * 8 + 4  # + log-softmax, target, loss
+    chunked, off = outside("chunked"), outside("off")
+    head = [r for r in chunked if r.module == "lm_head"]
+    assert sorted((str(r.dtype), r.nbytes) for r in head) == [("torch.float32", 4 * tokens), ("torch.int64", 8),
+                                                             ("torch.int64", 8 * tokens)]
+    assert not [r for r in chunked if vocab in r.shape]
+    def kept(records):
+        return [(r.module, r.dtype, r.shape, r.nbytes) for r in records]
+
+    assert kept(r for r in chunked if r.module != "lm_head") == kept(r for r in off if r.module.startswith("model."))
+    lost = sum(r.nbytes for r in off) - sum(r.nbytes for r in chunked)
+    assert lost == tokens * vocab * 4 + tokens * 8 + 4 - (12 * tokens + 8)
 
 
 def test_logits_when_asked_eval_tuple_output_and_revert():

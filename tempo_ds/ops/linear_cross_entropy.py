@@ -23,7 +23,9 @@ Cost: one extra logits matmul (the recompute in backward), i.e. 4 instead of 3 `
 
 Tiles: a tile is ``rows x cols`` logits; by default at most ``TILE_ELEMENTS`` = 2^23 (32 MiB in float32; the
 tile's transients -- the matmul output, exp, the softcap's tanh and the compute-dtype gradient -- stay under
-about 100 MiB) with at least ``MIN_COLS`` vocabulary columns, so a few thousand tokens make one token chunk.
+about 100 MiB) with at least ``MIN_COLS`` = 8192 vocabulary columns (or the whole vocabulary): up to 1024
+tokens make one token chunk, fewer tokens get wider vocabulary blocks (512 tokens x 16384 columns for a
+128k vocabulary). Narrower blocks ran slower on CPU (more, thinner matmuls).
 The backward loops over vocabulary blocks outermost: each block of ``dW`` is one matmul over the whole token
 chunk (rounded once, as autograd's ``dW`` is); with several token chunks the block is accumulated in float32.
 ``dh`` is accumulated in float32 over vocabulary blocks (an ``N x H`` float32 transient) and rounded once.
@@ -48,7 +50,7 @@ from ._zero import gathered
 __all__ = ["linear_cross_entropy", "tile_shape", "TILE_ELEMENTS", "MIN_COLS", "REDUCTIONS"]
 
 TILE_ELEMENTS = 1 << 23
-MIN_COLS = 2048
+MIN_COLS = 8192
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -66,14 +68,19 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c0: int, c1: int,
             compute: torch.dtype, acc: torch.dtype, softcap: float | None, scale: float | None):
-    """One tile's logits in ``acc`` (and tanh(z / softcap) for the softcap's derivative, else None)."""
+    """One tile's logits (and tanh(z / softcap) for the softcap's derivative, else None). Without scale and
+    softcap the matmul output is returned as is (compute dtype; callers promote it to ``acc`` in their first
+    elementwise op, one pass fewer); otherwise in ``acc``."""
     b = None if bias is None else bias[c0:c1].to(compute)
-    z = F.linear(h, weight[c0:c1].to(compute), b).to(acc)
+    z = F.linear(h, weight[c0:c1].to(compute), b)
+    if scale is None and softcap is None:
+        return z, None
+    z = z.to(acc)
     if scale is not None:
-        z = z * scale
+        z.mul_(scale)
     if softcap is None:
         return z, None
-    t = torch.tanh(z / softcap)
+    t = z.div_(softcap).tanh_()
     return t * softcap, t
 
 
@@ -100,6 +107,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             for c0 in range(0, vocab, cols):
                 c1 = min(c0 + cols, vocab)
                 z, _ = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
+                z = z.to(acc)
                 torch.logaddexp(lse[r0:r1], torch.logsumexp(z, 1), out=lse[r0:r1])
                 inside, col = _label_column(y, c0, c1)
                 target[r0:r1] += torch.where(inside, z.gather(1, col).squeeze(1), 0)
@@ -126,6 +134,8 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     acc = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     g = torch.where(labels != ignore_index, grad.to(acc), 0).unsqueeze(1)
+    if scale is not None:
+        g = g * scale  # d(scale * z) / dz, folded into the per-token factor
     dh = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty_like(bias) if need_b else None
@@ -140,17 +150,17 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
                 r1 = min(r0 + rows, n)
                 h, y = hidden[r0:r1].to(compute), labels[r0:r1]
                 z, t = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
-                dz = z.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+                dz = torch.sub(z, lse[r0:r1].unsqueeze(1)).exp_()  # softmax, in acc (z promoted)
                 inside, col = _label_column(y, c0, c1)
                 dz.scatter_add_(1, col, -inside.to(acc).unsqueeze(1))
-                dz.mul_(g[r0:r1])
                 if t is not None:
                     dz.mul_(1 - t * t)
-                if scale is not None:
-                    dz.mul_(scale)
-                if need_b:
-                    db_acc += dz.sum(0)
-                dzc = dz.to(compute)
+                if need_b or compute == acc:
+                    dzc = dz.mul_(g[r0:r1]).to(compute)
+                    if need_b:
+                        db_acc += dz.sum(0)
+                else:  # times g and rounded to the matmul dtype in one pass
+                    dzc = torch.mul(dz, g[r0:r1], out=torch.empty(dz.shape, dtype=compute, device=dz.device))
                 if need_h:
                     dh[r0:r1] += (dzc @ w).to(acc)
                 if need_w:
