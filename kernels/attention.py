@@ -42,16 +42,18 @@ input dtype before the P V and dS K / dS^T Q products (as in FlashAttention); fl
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from tempo_ds.kernels._launch import launcher, seed_tensor, shared_memory_limit
+from tempo_ds.kernels._spec import POINTER, SHORT, spec
 from tempo_ds.kernels.dropout import uniform_u32
 
-BLOCK_M = 64
-BLOCK_N = 64
-
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+TENSOR_SEED = True  # the launchers take the seed as a 1-element int64 device tensor (an int still works)
 
 
 @triton.jit
@@ -82,11 +84,11 @@ def _keep(seed, threshold, off_b, off_h, H, Sq, Sk, rows, cols):
     return uniform_u32(seed, index).to(tl.int64) >= threshold
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, M,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               smb, smh, smm, smn,
-              H, G, Sq, Sk, scale, seed, threshold, drop_scale,
+              H, G, Sq, Sk, scale, seed_ptr, threshold, drop_scale,
               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
@@ -95,6 +97,8 @@ def _attn_fwd(Q, K, V, O, LSE, M,
     off_b = off_bh // H
     off_h = off_bh % H
     off_kh = off_h // G
+    if DROPOUT:  # the seed stays on the device: loaded here, never read by the host
+        seed = tl.load(seed_ptr)
     rows = start_m + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -152,11 +156,11 @@ def _attn_bwd_preprocess(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H
     tl.store(DELTA + off_bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, M,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                    smb, smh, smm, smn,
-                   H, Hkv, G, Sq, Sk, scale, seed, threshold, drop_scale,
+                   H, Hkv, G, Sq, Sk, scale, seed_ptr, threshold, drop_scale,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
@@ -164,6 +168,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, M,
     start_n = tl.program_id(1) * BLOCK_N
     off_b = off_bkh // Hkv
     off_kh = off_bkh % Hkv
+    if DROPOUT:  # the seed stays on the device: loaded here, never read by the host
+        seed = tl.load(seed_ptr)
     cols = start_n + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -211,11 +217,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, M,
              mask=(cols[:, None] < Sk) & (dv[None, :] < HEAD_DV))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                  smb, smh, smm, smn,
-                 H, G, Sq, Sk, scale, seed, threshold, drop_scale,
+                 H, G, Sq, Sk, scale, seed_ptr, threshold, drop_scale,
                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
@@ -224,6 +230,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M,
     off_b = off_bh // H
     off_h = off_bh % H
     off_kh = off_h // G
+    if DROPOUT:  # the seed stays on the device: loaded here, never read by the host
+        seed = tl.load(seed_ptr)
     rows = start_m + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -260,7 +268,78 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M,
 
 
 # ------------------------------------------------------------------------------------------------
-# Wrappers
+# Block sizes: a pure function of head dim, dtype and the shared memory a program may use
+# ------------------------------------------------------------------------------------------------
+class Tiles(NamedTuple):
+    """One launch configuration: query rows and keys per program, warps, software-pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates per (input class, BLOCK_D bucket), best first: tiles of the forward, dK/dV and dQ kernels. Chosen
+# from the ahead-of-time compile matrix (``tempo-ds aot``) as the largest tiles that compile without register
+# spills in the costliest variant (additive mask + dropout + causal + GQA) on sm_80 and sm_90; the second entry
+# of each list is for devices with less shared memory (sm_86/89: 99 KB, sm_75: 64 KB). float32 runs IEEE dot
+# products on CUDA cores (``input_precision="ieee"``: no TF32), which hold both operands in registers and
+# shared memory: 64 x 64 tiles needed 180-247 KB there and spilled up to 24 KB per thread.
+_CANDIDATES = {
+    ("16bit", 64): [(Tiles(64, 64, 8, 2), Tiles(64, 32, 8, 2), Tiles(64, 32, 8, 2)),
+                    (Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2))],
+    ("16bit", 128): [(Tiles(64, 32, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 8, 2)),
+                     (Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2))],
+    ("16bit", 256): [(Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 1), Tiles(32, 32, 8, 2)),
+                     (Tiles(16, 32, 8, 1), Tiles(16, 32, 8, 1), Tiles(16, 32, 8, 1))],
+    ("fp32", 64): [(Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(32, 32, 4, 2)),
+                   (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
+    ("fp32", 128): [(Tiles(32, 32, 8, 1), Tiles(16, 32, 4, 2), Tiles(32, 32, 8, 1)),
+                    (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
+    ("fp32", 256): [(Tiles(16, 32, 8, 1), Tiles(16, 16, 4, 2), Tiles(16, 32, 8, 1)),
+                    (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
+}
+KERNELS = ("fwd", "dkdv", "dq")
+PREPROCESS_ROWS = 64  # rows per program of rowsum(dO * O): a streaming kernel without tiles worth tuning
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def shared_bytes_bound(kernel: str, t: Tiles, block_d: int, block_dv: int, esize: int) -> int:
+    """An upper bound of the shared memory (bytes) of ``kernel`` ("fwd", "dkdv", "dq") at tiles ``t``: the tiles
+    it streams through shared memory, once per pipeline stage, plus float32 [BLOCK_M, BLOCK_N] layout
+    conversions. The compile check asserts that every specialization stays within it."""
+    m, n, s = t.block_m, t.block_n, t.num_stages
+    if kernel == "fwd":      # q resident; k, v streamed
+        return (m * block_d + s * n * (block_d + block_dv)) * esize + m * n * 4
+    if kernel == "dkdv":     # k, v resident; q, dO streamed; P^T, dS^T transposed
+        return (n * (block_d + block_dv) + s * m * (block_d + block_dv)) * esize + 2 * m * n * 4
+    if kernel == "dq":       # q, dO resident; k, v streamed
+        return (m * (block_d + block_dv) + s * n * (block_d + block_dv)) * esize + 2 * m * n * 4
+    raise ValueError(f"kernel={kernel!r} must be 'fwd', 'dkdv' or 'dq'")
+
+
+def tiles(head_dim: int, head_dim_v: int, dtype: torch.dtype, shared_memory: int) -> tuple[Tiles, Tiles, Tiles]:
+    """Tiles of the forward, dK/dV and dQ kernels for ``dtype`` inputs with these head dims on a device whose
+    programs may use ``shared_memory`` bytes: the first candidate whose :func:`shared_bytes_bound` fits every
+    kernel, as Triton's fused-attention tutorial prunes its autotuning configs. A pure function (no device query).
+    Head dims above 256 (compiled by no check) take the smallest tiles."""
+    if dtype not in SHORT:
+        raise ValueError(f"the attention kernel takes float32, float16 or bfloat16 inputs, not {dtype}")
+    block_d, block_dv = _block_d(head_dim), _block_d(head_dim_v)
+    candidates = _CANDIDATES[("fp32" if dtype == torch.float32 else "16bit", min(max(block_d, block_dv, 64), 256))]
+    if max(block_d, block_dv) > 256:
+        return candidates[-1]
+    for candidate in candidates:
+        if all(shared_bytes_bound(k, t, block_d, block_dv, dtype.itemsize) <= shared_memory
+               for k, t in zip(KERNELS, candidate)):
+            return candidate
+    return candidates[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
 # ------------------------------------------------------------------------------------------------
 def _mask_args(mask4, shape, like):
     """(pointer tensor, its 4 strides broadcast to ``shape``, MASK_KIND); bool masks are read as uint8."""
@@ -272,22 +351,32 @@ def _mask_args(mask4, shape, like):
     return m, m.stride(), MASK_ADD
 
 
-def _settings(q, v, p, seed):
+def _common(q, v, p):
+    """Constexprs and scalars shared by all kernels of one call."""
     from tempo_ds.ops._rng import drop_threshold
 
     D, Dv = q.shape[-1], v.shape[-1]
-    block_d, block_dv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
-    small = max(block_d, block_dv) > 128  # keep the tiles within shared memory for large heads
-    return dict(
-        seed=seed, threshold=drop_threshold(p), drop_scale=0.0 if p == 1.0 else 1.0 / (1.0 - p),
-        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_M=min(BLOCK_M, 32) if small else BLOCK_M, BLOCK_N=min(BLOCK_N, 32) if small else BLOCK_N,
-        DROPOUT=p > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    return dict(threshold=drop_threshold(p), drop_scale=0.0 if p == 1.0 else 1.0 / (1.0 - p),
+                HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), DROPOUT=p > 0,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _tiles_for(q, v) -> tuple[Tiles, Tiles, Tiles]:
+    return tiles(q.shape[-1], v.shape[-1], q.dtype, shared_memory_limit(q.device))
+
+
+def _seed_arg(seed, p, device):
+    """The seed pointer: the caller's seed as a device tensor (an int is copied), or any int64 tensor when no
+    dropout reads it."""
+    if p > 0:
+        return seed_tensor(seed, device)
+    return seed if isinstance(seed, torch.Tensor) else torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def attention_forward(q, k, v, mask4, causal, scale, p, seed):
-    """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq] float32) for the inputs of ``ops.attention``."""
+    """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq] float32) for the inputs of ``ops.attention``.
+
+    ``seed``: a 1-element int64 tensor on q's device (``tempo_ds.ops._library.draw_seed``) or an int."""
     B, H, Sq, _ = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     o = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -295,15 +384,17 @@ def attention_forward(q, k, v, mask4, causal, scale, p, seed):
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
     m, m_strides, kind = _mask_args(mask4, (B, H, Sq, Sk), q)
-    cfg = _settings(q, v, p, seed)
-    grid = (B * H, triton.cdiv(Sq, cfg["BLOCK_M"]))
-    _attn_fwd[grid](q, k, v, o, lse, m, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *m_strides,
-                    H, H // Hkv, Sq, Sk, scale, IS_CAUSAL=causal, MASK_KIND=kind, **cfg)
+    t = _tiles_for(q, v)[0]
+    grid = (B * H, triton.cdiv(Sq, t.block_m))
+    launcher(_attn_fwd)[grid](q, k, v, o, lse, m, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *m_strides,
+                              H, H // Hkv, Sq, Sk, scale, _seed_arg(seed, p, q.device), IS_CAUSAL=causal,
+                              MASK_KIND=kind, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+                              num_stages=t.num_stages, **_common(q, v, p))
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, mask4, causal, scale, p, seed):
-    """(dq, dk, dv) in the dtypes of q, k, v (contiguous) from the saved q, k, v, o, lse."""
+    """(dq, dk, dv) in the dtypes of q, k, v (contiguous) from the saved q, k, v, o, lse and the forward's seed."""
     B, H, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dq = torch.zeros(B, H, Sq, D, dtype=q.dtype, device=q.device)
@@ -312,16 +403,97 @@ def attention_backward(do, q, k, v, o, lse, mask4, causal, scale, p, seed):
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk, dv
     m, m_strides, kind = _mask_args(mask4, (B, H, Sq, Sk), q)
-    cfg = _settings(q, v, p, seed)
+    _, t_kv, t_q = _tiles_for(q, v)
+    common = dict(IS_CAUSAL=causal, MASK_KIND=kind, **_common(q, v, p))
+    seed_ptr = _seed_arg(seed, p, q.device)
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(B * H, triton.cdiv(Sq, cfg["BLOCK_M"]))](
-        o, do, delta, *o.stride(), *do.stride(), H, Sq,
-        HEAD_DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], BLOCK_M=cfg["BLOCK_M"])
+    launcher(_attn_bwd_preprocess)[(B * H, triton.cdiv(Sq, PREPROCESS_ROWS))](
+        o, do, delta, *o.stride(), *do.stride(), H, Sq, HEAD_DV=Dv, BLOCK_DV=_block_d(Dv), BLOCK_M=PREPROCESS_ROWS)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *m_strides)
-    _attn_bwd_dkdv[(B * Hkv, triton.cdiv(Sk, cfg["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, m, *strides, H, Hkv, H // Hkv, Sq, Sk, scale,
-        IS_CAUSAL=causal, MASK_KIND=kind, **cfg)
-    _attn_bwd_dq[(B * H, triton.cdiv(Sq, cfg["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, m, *strides, H, H // Hkv, Sq, Sk, scale,
-        IS_CAUSAL=causal, MASK_KIND=kind, **cfg)
+    launcher(_attn_bwd_dkdv)[(B * Hkv, triton.cdiv(Sk, t_kv.block_n))](
+        q, k, v, do, lse, delta, dk, dv, m, *strides, H, Hkv, H // Hkv, Sq, Sk, scale, seed_ptr,
+        BLOCK_M=t_kv.block_m, BLOCK_N=t_kv.block_n, num_warps=t_kv.num_warps, num_stages=t_kv.num_stages, **common)
+    launcher(_attn_bwd_dq)[(B * H, triton.cdiv(Sq, t_q.block_m))](
+        q, k, v, do, lse, delta, dq, m, *strides, H, H // Hkv, Sq, Sk, scale, seed_ptr,
+        BLOCK_M=t_q.block_m, BLOCK_N=t_q.block_n, num_warps=t_q.num_warps, num_stages=t_q.num_stages, **common)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time specializations
+# ------------------------------------------------------------------------------------------------
+HEAD_DIMS = (64, 80, 96, 128, 256)
+MASKS = {"none": MASK_NONE, "bool": MASK_BOOL, "add": MASK_ADD}
+_STRIDES = {"fwd": ("sq", "sk", "sv", "so"), "dkdv": ("sq", "sk", "sv", "sd"), "dq": ("sq", "sk", "sv", "sd")}  # prefixes
+
+
+def _attention_spec(kernel, dtype, head_dim, mask, dropout, causal, gqa, arch):
+    """The specialization of ``kernel`` ("fwd", "dkdv", "dq") that one attention call launches on ``sm_<arch>``."""
+    from tempo_ds.kernels._launch import SHARED_MEMORY
+
+    t = dict(zip(KERNELS, tiles(head_dim, head_dim, dtype, SHARED_MEMORY[arch])))[kernel]
+    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kernel]
+    ptr = POINTER[dtype]
+    types = {name: ptr for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    types.update(LSE="*fp32", DELTA="*fp32", M={"none": ptr, "bool": "*u8", "add": ptr}[mask], seed_ptr="*i64",
+                 scale="fp32", drop_scale="fp32", threshold="i64")
+    # Triton turns an integer argument equal to 1 into a constant: unit strides, and G without GQA.
+    unit = {f"{p}d": 1 for p in _STRIDES[kernel]}
+    if mask != "none":
+        unit["smn"] = 1
+    if not gqa:
+        unit["G"] = 1
+    d = _block_d(head_dim)
+    constexprs = dict(unit, HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=d, BLOCK_DV=d, BLOCK_M=t.block_m,
+                      BLOCK_N=t.block_n, IS_CAUSAL=causal, MASK_KIND=MASKS[mask], DROPOUT=dropout,
+                      PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    # every other runtime argument is an int32 (strides, sizes); the q/k/v/o/dO strides are multiples of the
+    # head dim (a multiple of 16), as Triton's launch sees them
+    types.update({a: "i32" for a in fn.arg_names if a not in types and a not in constexprs})
+    types = {a: ty for a, ty in types.items() if a in fn.arg_names and a not in constexprs}
+    name = (f"attention.{kernel}[{SHORT[dtype]},d{head_dim},mask={mask}" + (",dropout" if dropout else "")
+            + (",causal" if causal else "") + (",gqa" if gqa else "") + "]")
+    return spec(name, fn, types, constexprs, num_warps=t.num_warps, num_stages=t.num_stages,
+                divisible_by_16=tuple(a for a in types if a[:2] in _STRIDES[kernel] and types[a] == "i32"))
+
+
+def _preprocess_spec(dtype, head_dim):
+    ptr = POINTER[dtype]
+    types = {"O": ptr, "DO": ptr, "DELTA": "*fp32", **{a: "i32" for a in ("sob", "soh", "som", "sdb", "sdh", "sdm",
+                                                                         "H", "Sq")}}
+    return spec(f"attention.bwd_preprocess[{SHORT[dtype]},d{head_dim}]", _attn_bwd_preprocess, types,
+                dict(sod=1, sdd=1, HEAD_DV=head_dim, BLOCK_DV=_block_d(head_dim), BLOCK_M=PREPROCESS_ROWS),
+                num_warps=4, divisible_by_16=("sob", "soh", "som", "sdb", "sdh", "sdm"))
+
+
+# The CI subset: each kernel, dtype and BLOCK_D bucket, mask kind, dropout, causal and GQA at least once, the
+# costliest variant (additive mask + dropout + causal + GQA) at the largest 16-bit tiles, and float32 at head
+# dim 128 (which needed 180-247 KB of shared memory at 64 x 64 tiles).
+_SUBSET = [
+    ("fwd", torch.bfloat16, 128, "add", True, True, True),
+    ("dkdv", torch.bfloat16, 128, "add", True, True, True),
+    ("dq", torch.float16, 96, "bool", True, False, False),
+    ("fwd", torch.float32, 128, "add", True, False, False),
+    ("dkdv", torch.float32, 128, "add", True, False, False),
+    ("dq", torch.float32, 64, "none", False, True, True),
+    ("dkdv", torch.bfloat16, 256, "bool", False, True, False),
+]
+
+
+def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
+    """The specializations ``attention_forward``/``attention_backward`` launch on CUDA for ``sm_<arch>``: dtypes
+    fp32/bf16/fp16 x head dims 64/80/96/128/256 x masks none/bool/additive x dropout x causal x GQA (``full``),
+    each variant's forward, dK/dV and dQ kernels, and the backward's preprocessing; or the subset ``_SUBSET``."""
+    if not full:
+        return [_attention_spec(*variant, arch) for variant in _SUBSET] + [_preprocess_spec(torch.bfloat16, 128)]
+    out = []
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for dt in dtypes:
+        for d in HEAD_DIMS:
+            for m in MASKS:
+                for drop in (False, True):
+                    for causal in (False, True):
+                        for gqa in (False, True):
+                            out.extend(_attention_spec(k, dt, d, m, drop, causal, gqa, arch) for k in KERNELS)
+    out.extend(_preprocess_spec(dt, d) for dt in dtypes for d in HEAD_DIMS)
+    return out

@@ -23,7 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from tempo_ds.kernels._launch import launcher, seed_tensor
+from tempo_ds.kernels._spec import POINTER, SHORT, spec
+
 BLOCK = 1024
+TENSOR_SEED = True  # the launchers take the seed as a 1-element int64 device tensor (an int still works)
 
 
 @triton.jit
@@ -46,12 +50,14 @@ def uniform_u32(seed, index):
     return mix32(mix32(lo ^ key) + key)
 
 
-@triton.jit(do_not_specialize=["start", "seed"])
-def _seed_dropout_kernel(x_ptr, out_ptr, n, start, seed, threshold, scale, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["start"])
+def _seed_dropout_kernel(x_ptr, out_ptr, n, start, seed_ptr, threshold, scale, BLOCK: tl.constexpr):
     # One program per BLOCK elements of the flat (row-major) tensor; start + the element's flat index is
-    # the counter of the hash, so the mask does not depend on how the work is split.
+    # the counter of the hash, so the mask does not depend on how the work is split. The seed is read from
+    # device memory: drawing it never syncs the host.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
+    seed = tl.load(seed_ptr)
     x = tl.load(x_ptr + offs, mask=inside)
     keep = uniform_u32(seed, start + offs).to(tl.int64) >= threshold
     # x * keep first (exact: x, 0 or nan for a dropped inf), then the scale in float32, like PyTorch's
@@ -60,9 +66,10 @@ def _seed_dropout_kernel(x_ptr, out_ptr, n, start, seed, threshold, scale, BLOCK
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def apply_seed_mask(x: torch.Tensor, p: float, seed: int, start: int = 0) -> torch.Tensor:
+def apply_seed_mask(x: torch.Tensor, p: float, seed, start: int = 0) -> torch.Tensor:
     """``x * keep / (1 - p)`` with the mask of ``(seed, start + flat index)`` (``_rng.keep_mask(seed, p, start,
-    x.numel())``); a new contiguous tensor of x's shape."""
+    x.numel())``); a new contiguous tensor of x's shape. ``seed``: a 1-element int64 tensor on x's device
+    (``tempo_ds.ops._library.draw_seed``), or an int (copied to the device)."""
     from tempo_ds.ops._rng import drop_threshold
 
     src = x.contiguous()
@@ -70,6 +77,17 @@ def apply_seed_mask(x: torch.Tensor, p: float, seed: int, start: int = 0) -> tor
     n = src.numel()
     if n:
         scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-        _seed_dropout_kernel[(triton.cdiv(n, BLOCK),)](src, out, n, start, seed, drop_threshold(p), scale,
-                                                        BLOCK=BLOCK)
+        launcher(_seed_dropout_kernel)[(triton.cdiv(n, BLOCK),)](
+            src, out, n, start, seed_tensor(seed, x.device), drop_threshold(p), scale, BLOCK=BLOCK)
     return out
+
+
+def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
+    """The dropout kernel for every dtype the op sends it (fp32/bf16/fp16; ``full``) or bf16 alone. ``start`` is
+    never specialized (``do_not_specialize``); ``n`` and ``threshold`` arrive as int64 where they may pass
+    2**31 (the threshold is 2**32 when p == 1)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if full else (torch.bfloat16,)
+    return [spec(f"dropout.seed_mask[{SHORT[dt]}]", _seed_dropout_kernel,
+                 {"x_ptr": POINTER[dt], "out_ptr": POINTER[dt], "n": "i32", "start": "i64", "seed_ptr": "*i64",
+                  "threshold": "i64", "scale": "fp32"}, {"BLOCK": BLOCK}, num_warps=4)
+            for dt in dtypes]

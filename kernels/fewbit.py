@@ -30,6 +30,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from tempo_ds.kernels._launch import launcher
+from tempo_ds.kernels._spec import POINTER, SHORT, spec
+
 __all__ = ["ACTS", "forward", "backward"]
 
 BLOCK = 1024  # elements per program: a multiple of 8, so programs own whole packed words
@@ -38,8 +41,10 @@ ACTS = {name: i for i, name in enumerate([
     "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "softplus", "elu", "celu", "selu", "mish", "logsigmoid",
     "softsign", "tanhshrink", "hardswish", "relu", "leaky_relu", "relu6", "hardtanh"])}
 
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
+# Globals a @triton.jit function reads must be tl.constexpr: the compiler refuses plain floats (the interpreter
+# does not notice, so only the ahead-of-time compile check, tempo_ds.kernels.aot, catches that).
+_SELU_ALPHA = tl.constexpr(1.6732632423543772848170429916717)
+_SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
 
 
 @triton.jit
@@ -202,7 +207,7 @@ def forward(x: torch.Tensor, name: str, params: tuple[float, float], borders: to
     nbytes = (n * bits + 7) // 8
     packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if save else y   # y: a pointer never used
     if n:
-        _fewbit_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+        launcher(_fewbit_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
             x, y, packed, borders, n, nbytes, float(params[0]), float(params[1]),
             ACT=ACTS[name], NBORDERS=borders.numel(), BAND=band, NAN_CODE=nan_code, BITS=bits, SAVE=save,
             LIBDEVICE=_libdevice(), BLOCK=BLOCK)
@@ -214,6 +219,46 @@ def backward(grad: torch.Tensor, packed: torch.Tensor, levels: torch.Tensor, bit
     n = grad.numel()
     dx = torch.empty_like(grad)
     if n:
-        _fewbit_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad, dx, packed, levels, n, packed.numel(),
-                                                    BITS=bits, BLOCK=BLOCK)
+        launcher(_fewbit_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, dx, packed, levels, n, packed.numel(),
+                                                              BITS=bits, BLOCK=BLOCK)
     return dx
+
+
+def _forward_spec(name: str, bits: int, dtype: torch.dtype, save: bool = True) -> dict:
+    from tempo_ds.ops.fewbit import resolve
+
+    s = resolve(name, bits)
+    ptr = POINTER[dtype]
+    return spec(f"fewbit.fwd[{name},{bits}bit,{SHORT[dtype]}" + ("" if save else ",nosave") + "]", _fewbit_fwd_kernel,
+                {"x_ptr": ptr, "y_ptr": ptr, "packed_ptr": "*u8" if save else ptr, "borders_ptr": "*fp32",
+                 "n": "i32", "nbytes": "i32", "p0": "fp32", "p1": "fp32"},
+                dict(ACT=ACTS[name], NBORDERS=len(s.borders), BAND=s.band, NAN_CODE=s.nan_code, BITS=bits, SAVE=save,
+                     LIBDEVICE=True, BLOCK=BLOCK), num_warps=4)
+
+
+def _backward_spec(bits: int, dtype: torch.dtype) -> dict:
+    ptr = POINTER[dtype]
+    return spec(f"fewbit.bwd[{bits}bit,{SHORT[dtype]}]", _fewbit_bwd_kernel,
+                {"g_ptr": ptr, "dx_ptr": ptr, "packed_ptr": "*u8", "levels_ptr": "*fp32", "n": "i32", "nbytes": "i32"},
+                dict(BITS=bits, BLOCK=BLOCK), num_warps=4)
+
+
+def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
+    """Forward kernels of every function x bits 1-4 (exact functions: their 1-bit code) and backward kernels of
+    every bit width, for fp32/bf16/fp16 (``full``); or a subset with SELU, GELU, SiLU, a band table and the
+    no-grad forward. On CUDA ``LIBDEVICE`` is on."""
+    from tempo_ds.fewbit import functions
+
+    if not full:
+        return [_forward_spec("selu", 2, torch.bfloat16), _forward_spec("gelu", 4, torch.float16),
+                _forward_spec("silu", 3, torch.float32), _forward_spec("hardtanh", 1, torch.bfloat16),
+                _forward_spec("mish", 1, torch.bfloat16, save=False),
+                _backward_spec(1, torch.bfloat16), _backward_spec(3, torch.float32)]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name in ACTS:
+            for bits in ((1,) if functions.get(name).exact else (1, 2, 3, 4)):
+                out.append(_forward_spec(name, bits, dtype))
+        out.append(_forward_spec("gelu", 2, dtype, save=False))
+        out.extend(_backward_spec(bits, dtype) for bits in (1, 2, 3, 4))
+    return out

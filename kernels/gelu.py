@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tempo_ds.kernels._launch import launcher
+from tempo_ds.kernels._spec import POINTER, SHORT, spec
 from tempo_ds.ops._bits import packed_nbytes
 from tempo_ds.ops.gelu import S_A, S_L, S_R, TABLES, TAU, Y_TINY, branch_threshold, newton_steps
 
@@ -191,8 +193,8 @@ def forward(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tens
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     bits = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device)
     if n:
-        _forward_kernel[(triton.cdiv(n, BLOCK),)](src, y, bits, n, branch_threshold(approximate, x.dtype),
-                                                  TANH=approximate == "tanh", BLOCK=BLOCK)
+        launcher(_forward_kernel)[(triton.cdiv(n, BLOCK),)](
+            src, y, bits, n, branch_threshold(approximate, x.dtype), TANH=approximate == "tanh", BLOCK=BLOCK)
     return y, bits
 
 
@@ -204,8 +206,33 @@ def backward(y: torch.Tensor, bits: torch.Tensor, dy: torch.Tensor, approximate:
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if n:
         y_hi = float(torch.tensor(tab.y_min, dtype=torch.float64).float())
-        _backward_kernel[(triton.cdiv(n, BLOCK),)](
+        launcher(_backward_kernel)[(triton.cdiv(n, BLOCK),)](
             y, bits, dy, dx, _coefficients(approximate, y.device), n, y_hi, tab.y_min - y_hi,
             S_R * S_R + tab.y_min, tab.y_l, TANH=approximate == "tanh", NEWTON=newton_steps(y.dtype),
             BLOCK=BLOCK)
     return dx
+
+
+def _forward_spec(approximate: str, dtype: torch.dtype) -> dict:
+    ptr = POINTER[dtype]
+    return spec(f"gelu.fwd[{approximate},{SHORT[dtype]}]", _forward_kernel,
+                {"x_ptr": ptr, "y_ptr": ptr, "bits_ptr": "*u8", "n": "i32", "threshold": "fp32"},
+                dict(TANH=approximate == "tanh", BLOCK=BLOCK), num_warps=4)
+
+
+def _backward_spec(approximate: str, dtype: torch.dtype) -> dict:
+    ptr = POINTER[dtype]
+    return spec(f"gelu.bwd[{approximate},{SHORT[dtype]}]", _backward_kernel,
+                {"y_ptr": ptr, "bits_ptr": "*u8", "dy_ptr": ptr, "dx_ptr": ptr, "coef_ptr": "*fp32", "n": "i32",
+                 **{a: "fp32" for a in ("y_hi", "y_lo", "y_r", "y_l")}},
+                dict(TANH=approximate == "tanh", NEWTON=newton_steps(dtype), BLOCK=BLOCK), num_warps=4)
+
+
+def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
+    """Forward and backward kernels for both GELU forms and fp32/bf16/fp16 (``full``; the backward's Newton
+    steps depend on the dtype), or the erf forward in bf16 and the backward in bf16 (tanh) and fp32 (erf)."""
+    if not full:
+        return [_forward_spec("none", torch.bfloat16), _backward_spec("tanh", torch.bfloat16),
+                _backward_spec("none", torch.float32)]
+    return [make(a, dt) for dt in (torch.float32, torch.bfloat16, torch.float16) for a in ("none", "tanh")
+            for make in (_forward_spec, _backward_spec)]

@@ -40,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tempo_ds.kernels._launch import launcher
+from tempo_ds.kernels._spec import POINTER, SHORT, spec
+
 # One row must fit in one block: 64 KB of the widest dtype, as in the tutorial.
 MAX_FUSED_N = 65536 // 4
 
@@ -89,12 +92,6 @@ def _norm_bwd_kernel(DY, DX, SRC, W, B, MEAN, RSTD, DW_PART, DB_PART, M, N, rows
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     inside = cols < N
-    w = 1.0
-    b = 0.0
-    if HAS_W:
-        w = tl.load(W + cols, mask=inside, other=1.0).to(tl.float32)
-    if HAS_B:
-        b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
     dw_acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     db_acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64: row * stride may pass 2**31
@@ -102,6 +99,14 @@ def _norm_bwd_kernel(DY, DX, SRC, W, B, MEAN, RSTD, DW_PART, DB_PART, M, N, rows
     for row in range(row_start, row_end):
         src = tl.load(SRC + row * stride_src + cols, mask=inside, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
+        # w and b are read again for every row (from cache) rather than held in registers across the loop:
+        # at 16384 columns the two float32 accumulators already fill most of a thread's registers.
+        w = 1.0
+        b = 0.0
+        if HAS_W:
+            w = tl.load(W + cols, mask=inside, other=1.0).to(tl.float32)
+        if HAS_B and FROM_OUTPUT:
+            b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
         if FROM_OUTPUT:
             xhat = (src - b) / w
         elif RMS:
@@ -128,9 +133,13 @@ def _norm_bwd_kernel(DY, DX, SRC, W, B, MEAN, RSTD, DW_PART, DB_PART, M, N, rows
         tl.store(DB_PART + pid * N + cols, db_acc, mask=inside)
 
 
-def _launch(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for rows of ``n`` elements, as in the tutorial."""
+def _launch(n: int, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for rows of ``n`` elements, as in the tutorial; the backward of the widest rows
+    takes 16 warps: at 8 its per-thread share of the row (64 columns of dw, db, the row and its gradient)
+    spills 0.3-0.7 KB of registers per thread, at 16 about a third of that (``tempo-ds aot``)."""
     block = max(triton.next_power_of_2(n), 16)
+    if backward and block >= MAX_FUSED_N:
+        return block, 16
     return block, min(max(block // 256, 1), 8)
 
 
@@ -154,7 +163,7 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     mean = torch.empty(m, dtype=torch.float32, device=x.device) if store_mean else None
     if m:
         block, warps = _launch(n)
-        _norm_fwd_kernel[(m,)](
+        launcher(_norm_fwd_kernel)[(m,)](
             x, y, weight if weight is not None else rstd, bias if bias is not None else rstd,
             mean if store_mean else rstd, rstd, x.stride(0), y.stride(0), n, eps,
             RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
@@ -184,11 +193,58 @@ def norm_backward(grad: torch.Tensor, src: torch.Tensor, weight: torch.Tensor | 
 
     dw_part, db_part = partial_sums(need_dw), partial_sums(need_db)
     if m:
-        block, warps = _launch(n)
-        _norm_bwd_kernel[(programs,)](
+        block, warps = _launch(n, backward=True)
+        launcher(_norm_bwd_kernel)[(programs,)](
             grad, dx, src, weight if weight is not None else rstd, bias if bias is not None else rstd,
             mean if mean is not None else rstd, rstd, dw_part, db_part, m, n, triton.cdiv(m, programs),
             grad.stride(0), dx.stride(0), src.stride(0),
             RMS=rms, FROM_OUTPUT=from_output, HAS_W=weight is not None, HAS_B=bias is not None,
             PARTIALS=need_dw or need_db, BLOCK_N=block, num_warps=warps)
     return dx, dw_part.sum(0) if need_dw else None, db_part.sum(0) if need_db else None
+
+
+HIDDEN_SIZES = (256, 1024, 4096, MAX_FUSED_N)  # one per BLOCK_N the CI subset or the full matrix compiles
+
+
+def _forward_spec(n, dtype, *, rms, cast_before_weight=False, store_mean=False, w_dtype=None):
+    block, warps = _launch(n)
+    ptr, w_ptr = POINTER[dtype], POINTER[w_dtype or dtype]
+    kind = "rms" if rms else "ln"
+    return spec(f"layer_norm.fwd[{kind},n{block},{SHORT[dtype]}" + (",cast_before_weight" if cast_before_weight else "")
+                + (",mean" if store_mean else "") + "]", _norm_fwd_kernel,
+                {"X": ptr, "Y": ptr, "W": w_ptr, "B": w_ptr, "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32",
+                 "stride_y": "i32", "N": "i32", "eps": "fp32"},
+                dict(RMS=rms, HAS_W=True, HAS_B=not rms, CAST_BEFORE_WEIGHT=cast_before_weight, STORE_MEAN=store_mean,
+                     BLOCK_N=block), num_warps=warps, divisible_by_16=("stride_x", "stride_y", "N"))
+
+
+def _backward_spec(n, dtype, *, rms, from_output, w_dtype=None):
+    block, warps = _launch(n, backward=True)
+    ptr, w_ptr = POINTER[dtype], POINTER[w_dtype or dtype]
+    kind = "rms" if rms else "ln"
+    return spec(f"layer_norm.bwd[{kind},n{block},{SHORT[dtype]},from_" + ("output" if from_output else "input") + "]",
+                _norm_bwd_kernel,
+                {"DY": ptr, "DX": ptr, "SRC": ptr, "W": w_ptr, "B": w_ptr, "MEAN": "*fp32", "RSTD": "*fp32",
+                 "DW_PART": "*fp32", "DB_PART": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
+                 "stride_dy": "i32", "stride_dx": "i32", "stride_src": "i32"},
+                dict(RMS=rms, FROM_OUTPUT=from_output, HAS_W=True, HAS_B=not rms, PARTIALS=True, BLOCK_N=block),
+                num_warps=warps, divisible_by_16=("N", "stride_dy", "stride_dx", "stride_src"))
+
+
+def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
+    """LayerNorm and RMSNorm forward and backward (from the output and from the input) at every BLOCK_N of
+    ``HIDDEN_SIZES`` (up to the fused maximum, 16384) for fp32/bf16/fp16 (``full``), or the widest rows in bf16
+    plus a few narrower ones."""
+    if not full:
+        return [_forward_spec(MAX_FUSED_N, torch.bfloat16, rms=False),
+                _backward_spec(MAX_FUSED_N, torch.bfloat16, rms=False, from_output=True),
+                _backward_spec(MAX_FUSED_N, torch.bfloat16, rms=True, from_output=False),
+                _forward_spec(4096, torch.float16, rms=True, cast_before_weight=True),
+                _backward_spec(1024, torch.float32, rms=False, from_output=False)]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in HIDDEN_SIZES:
+            out += [_forward_spec(n, dtype, rms=False), _forward_spec(n, dtype, rms=False, store_mean=True),
+                    _forward_spec(n, dtype, rms=True), _forward_spec(n, dtype, rms=True, cast_before_weight=True)]
+            out += [_backward_spec(n, dtype, rms=rms, from_output=fo) for rms in (False, True) for fo in (True, False)]
+    return out

@@ -102,6 +102,17 @@ PASSTHROUGH = {
 }
 
 
+def _add_aot(sub) -> None:
+    from .kernels import aot
+
+    p = sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80/sm_90 (no GPU needed)",
+                       description="Compile the specializations the CUDA dispatch launches for each target with "
+                       "triton.compile (on the CPU) and report shared memory, registers and spill stack per kernel; "
+                       "exit status 1 if any does not compile or exceeds the target's per-block shared memory.")
+    aot.add_arguments(p)
+    p.set_defaults(func=aot.execute)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempo-ds", description="Memory-lean transformer training tools.")
     parser.add_argument("--version", action="version", version=f"tempo_ds {__version__}")
@@ -113,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)  # listed here; main() forwards their arguments
     add_fewbit_tables(sub)
+    _add_aot(sub)
     return parser
 
 

@@ -484,8 +484,8 @@ def _reload_triton_language():
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    """``tempo_ds.kernels.attention`` under Triton's interpreter, with 16 x 16 tiles (several per row)."""
+def interpreted_kernel(monkeypatch):
+    """``tempo_ds.kernels.attention`` under Triton's interpreter, at the tiles the CUDA path picks (sm_80's)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("TEMPO_DS_TRITON", "1")
     pytest.importorskip("triton")
@@ -499,12 +499,18 @@ def kernel(monkeypatch):
                    and isinstance(attention._attn_fwd, InterpretedFunction))
     if rebuilt:
         _reload_triton_language()
-    monkeypatch.setattr(attention, "BLOCK_M", 16)
-    monkeypatch.setattr(attention, "BLOCK_N", 16)
     yield attention
     if rebuilt:
         monkeypatch.delenv("TRITON_INTERPRET")
         _reload_triton_language()
+
+
+@pytest.fixture
+def kernel(interpreted_kernel, monkeypatch):
+    """The interpreted kernels with 16 x 16 tiles: several tiles per row even for short sequences."""
+    small = interpreted_kernel.Tiles(16, 16, 4, 1)
+    monkeypatch.setattr(interpreted_kernel, "tiles", lambda *args: (small, small, small))
+    yield interpreted_kernel
 
 
 @pytest.mark.parametrize("case", ["plain", "causal_gqa", "padding_dropout", "additive_causal_dropout"])
@@ -540,3 +546,60 @@ def test_triton_kernel_low_precision_and_no_keys(kernel):
     out = attention(q, k, v)
     assert torch.equal(out, torch.zeros_like(out))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads(out, (q, k, v)))
+
+
+@pytest.mark.parametrize("case", ["fp32_d64_additive_dropout_causal_gqa", "fp32_d128_bool_dropout",
+                                  "fp16_d128_padding_causal"])
+def test_triton_kernel_at_the_cuda_tiles(case, interpreted_kernel, monkeypatch):
+    """The tiles the CUDA path picks on an A100 (``tiles(..., sm_80's shared memory)``: 16-32 rows/keys in
+    float32, 32-64 in 16-bit), several per row with a partial last one."""
+    dtype = torch.float16 if case.startswith("fp16") else torch.float32
+    D = 64 if "_d64_" in case else 128
+    chosen = interpreted_kernel.tiles(D, D, dtype, interpreted_kernel.shared_memory_limit(torch.device("cpu")))
+    assert [t[:2] for t in chosen] == {  # (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels
+        "fp32_d64_additive_dropout_causal_gqa": [(32, 32)] * 3,
+        "fp32_d128_bool_dropout": [(32, 32), (16, 32), (32, 32)],
+        "fp16_d128_padding_causal": [(64, 32), (32, 64), (64, 32)]}[case]
+    Sq = Sk = 2 * max(max(t[:2]) for t in chosen) - 5
+    Hkv = 1 if "gqa" in case else 2
+    mask, p, causal = None, 0.0, "causal" in case
+    if "additive" in case:
+        mask, p = torch.randn(1, 1, Sq, Sk), 0.25
+    if "bool" in case:
+        mask, p = torch.rand(1, 2, Sq, Sk) > 0.2, 0.5
+    if "padding" in case:
+        mask = padding_mask(1, Sk, "bool")
+    if dtype == torch.float16:
+        q64, k64, v64 = qkv(1, 2, Hkv, Sq, Sk, D=D)
+        ref = sdpa(q64, k64, v64, mask, causal=causal)
+        q, k, v = (t.detach().half().requires_grad_() for t in (q64, k64, v64))
+        ours = attention(q, k, v, mask, is_causal=causal)
+        assert_within_2x_of_torch(ours, sdpa(q, k, v, mask, causal=causal), ref, atol=1e-3, what="cuda tiles fp16")
+        for g, g_torch, g_ref in zip(grads(ours, (q, k, v)), grads(sdpa(q, k, v, mask, causal=causal), (q, k, v)),
+                                     grads(ref, (q64, k64, v64))):
+            assert_within_2x_of_torch(g, g_torch, g_ref, atol=1e-3, what="cuda tiles fp16 grad")
+        return
+    q, k, v = qkv(1, 2, Hkv, Sq, Sk, D=D, dtype=dtype)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TEMPO_DS_TRITON", flag)
+        torch.manual_seed(5)
+        out = attention(q, k, v, mask, dropout_p=p, is_causal=causal)
+        results.append([out, *grads(out, (q, k, v))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_triton_kernel_takes_the_seed_as_a_device_tensor(kernel):
+    """A 1-element int64 tensor seed (``_library.draw_seed``) drops exactly what the same int drops."""
+    q, k, v = qkv(1, 2, 2, 19, 23, D=16, dtype=torch.float32, requires_grad=False)
+    scale = 0.25
+    by_int = kernel.attention_forward(q, k, v, None, False, scale, 0.4, 12345)
+    by_tensor = kernel.attention_forward(q, k, v, None, False, scale, 0.4, torch.tensor([12345]))
+    assert all(torch.equal(a, b) for a, b in zip(by_int, by_tensor))
+    do = torch.randn_like(by_int[0])
+    back_int = kernel.attention_backward(do, q, k, v, *by_int, None, False, scale, 0.4, 12345)
+    back_tensor = kernel.attention_backward(do, q, k, v, *by_tensor, None, False, scale, 0.4, torch.tensor([12345]))
+    assert all(torch.equal(a, b) for a, b in zip(back_int, back_tensor))
+    with pytest.raises(ValueError, match="int64"):
+        kernel.attention_forward(q, k, v, None, False, scale, 0.4, torch.tensor([1.0]))

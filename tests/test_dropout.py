@@ -226,3 +226,17 @@ def test_triton_kernel_matches_on_large_indices(interpreter):
     start, seed, n = 3 * 2**32 - 1000, 2**31 - 2, 3000
     y = interpreter.apply_seed_mask(torch.ones(n), 0.5, seed, start)
     assert torch.equal(y != 0, _rng.keep_mask(seed, 0.5, start, n, "cpu"))
+
+
+def test_triton_kernel_takes_the_seed_as_a_device_tensor(interpreter):
+    """The seed as ``_library.draw_seed`` gives it (a 1-element int64 tensor the kernel loads) drops exactly what
+    the same int drops, at the CUDA block size (``BLOCK`` elements per program, several programs)."""
+    assert interpreter.TENSOR_SEED
+    n, seed = 3 * interpreter.BLOCK + 77, 2**31 - 5
+    x = torch.randn(n)
+    by_tensor = interpreter.apply_seed_mask(x, 0.3, torch.tensor([seed]), 5)
+    assert torch.equal(by_tensor, interpreter.apply_seed_mask(x, 0.3, seed, 5))
+    assert torch.equal(by_tensor != 0, _rng.keep_mask(seed, 0.3, 5, n, "cpu"))
+    for bad in (torch.tensor([seed], dtype=torch.int32), torch.tensor([1, 2]), -1, 2**31):
+        with pytest.raises(ValueError, match="seed"):
+            interpreter.apply_seed_mask(x, 0.3, bad)

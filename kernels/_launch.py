@@ -1,0 +1,73 @@
+"""How every kernel of ``tempo_ds.kernels`` is launched: through ``torch.library.wrap_triton``, with seeds as
+device tensors and tiles that fit the device's shared memory.
+
+* :func:`launcher` returns ``wrap_triton(kernel)``, so ``torch.compile`` and ``torch.export`` (inside a
+  ``torch.library.triton_op``) see the launch instead of an opaque call; in eager it launches the kernel as
+  usual. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes an ``InterpretedFunction``, which ``wrap_triton``
+  cannot trace; it is launched directly.
+* :func:`seed_tensor` turns a dropout seed into the 1-element int64 device tensor the kernels load their seed
+  from: the seed stays on the device, so drawing it never syncs the host (DESIGN.md section 5, rule 10). A
+  Python int is still accepted (copied to the device).
+* :func:`shared_memory_limit` is the per-block shared memory (opt-in maximum) a kernel may use on a device;
+  the block-size choices of the kernels take it as an argument, so they stay pure functions that the
+  ahead-of-time compile check (``tempo_ds.kernels.aot``) can call with the figure of any target.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["SHARED_MEMORY", "launcher", "seed_tensor", "shared_memory_limit"]
+
+# Per-block shared memory (opt-in maximum, bytes) by compute capability: what a kernel may ask for.
+SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+# The CPU interpreter has no limit of its own; it runs the tiles an A100 (sm_80) would, so the tests run
+# the tile sizes of the CUDA path.
+INTERPRETER_ARCH = 80
+
+
+def launcher(kernel):
+    """``kernel`` wrapped by ``torch.library.wrap_triton`` (launch it as ``launcher(kernel)[grid](...)``), or the
+    kernel itself when it runs in Triton's interpreter or this torch has no ``wrap_triton``."""
+    from triton.runtime.jit import JITFunction
+
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None or not isinstance(kernel, JITFunction):
+        return kernel
+    return wrap(kernel)
+
+
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The seed as a 1-element int64 tensor on ``device``: a device tensor from ``tempo_ds.ops._library.draw_seed``
+    as it is (never read on the host), a Python int in [0, 2**31) copied there."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one int64 element; got dtype={seed.dtype}, "
+                             f"shape={tuple(seed.shape)}")
+        if seed.device != torch.device(device):
+            raise ValueError(f"the seed tensor is on {seed.device} but the data is on {device}: draw it with "
+                             "tempo_ds.ops._library.draw_seed(device)")
+        return seed.reshape(1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**31) or a 1-element int64 device tensor")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    try:
+        import triton
+
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # an older triton: the non-opt-in figure is a safe lower bound
+        return int(torch.cuda.get_device_properties(index).shared_memory_per_block)
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Shared memory (bytes) one program may use on ``device``: the opt-in maximum of a CUDA device, read from
+    the driver; sm_80's for the CPU interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return SHARED_MEMORY[INTERPRETER_ARCH]
