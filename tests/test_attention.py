@@ -13,7 +13,10 @@ from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import LeanAttention
 from tempo_ds.ops import _rng
 from tempo_ds.ops._bits import packed_nbytes
-from tempo_ds.ops.attention import attention, hf_attention_forward
+from tempo_ds.ops.attention import attention, efficient_bias, plan_for
+from tempo_ds.ops.attention_dispatch import AttentionCall, choose_backend
+from tempo_ds.hf_attention import hf_attention_forward
+from tempo_ds.hf_attention import padding_mask as mask_builder
 
 MODES = ["lean", "tempo"]
 
@@ -372,6 +375,142 @@ def test_peak_temporaries_are_one_block_of_scores():
 
 
 # ------------------------------------------------------------------------------------------------
+# custom ops, dispatch, no host reads
+# ------------------------------------------------------------------------------------------------
+def test_custom_ops_pass_opcheck():
+    """Schema, fake implementation, autograd registration and AOTAutograd (dynamic shapes) of both ops."""
+    import importlib
+
+    ops = importlib.import_module("tempo_ds.ops.attention")
+    q, k, v = qkv(2, 4, 2, 7, 9)
+    mask = torch.randn(2, 1, 7, 9, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([5])
+    torch.library.opcheck(ops._lean_fwd, (q, k, v, mask, seed, True, 0.3, 0.2, 3, False))
+    torch.library.opcheck(ops._tempo_fwd, (q, k, v, mask, seed, True, 0.3, 0.2, True))
+
+
+class _NoHostRead(TorchDispatchMode):
+    """Fails on the ops that copy a tensor's value to the host (``.item()``, ``bool(t)``, ``if t.any():``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                    torch.ops.aten.equal.default):
+            raise AssertionError(f"host read: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_host_read_with_mask_dropout_and_seed_tensor(mode):
+    """Forward and backward bodies of both modes, with a padding row, causality and dropout from a device seed,
+    never read a tensor value on the host (the wrapper, traced by torch.compile, is checked in test_compile)."""
+    import importlib
+
+    ops = importlib.import_module("tempo_ds.ops.attention")
+    q, k, v = (t.detach() for t in qkv(2, 4, 2, 9, 9, dtype=torch.float32))
+    mask4 = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask4[1, ..., 6:] = False
+    seed = torch.tensor([11])
+    do = torch.randn(2, 4, 9, 8)
+    with _NoHostRead():
+        if mode == "lean":
+            o, lse = ops._lean_forward(q, k, v, mask4, True, 0.35, 0.3, seed, 4)
+            ops._lean_backward(do, q, k, v, o, lse, mask4, True, 0.35, 0.3, seed, 4, False)
+        else:
+            o, probs, keep = ops._tempo_forward(q, k, v, mask4, True, 0.35, 0.3, seed)
+            ops._tempo_backward(do, q, k, v, probs, keep, None, 0.35, 0.3)
+
+
+def _cuda_call(**overrides):
+    base = dict(device="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128, head_dim_v=128, q_len=512,
+                kv_len=512, heads=16, kv_heads=16, triton=True)
+    return AttentionCall(**{**base, **overrides})
+
+
+F16, F32 = torch.float16, torch.float32
+DISPATCH = [  # (case, AttentionCall overrides of an H100/H200 bf16 call, backend)
+    ("bf16 causal dropout", dict(causal=True, dropout=True), "sdpa_flash"),
+    ("A100 fp16 head 64", dict(capability=(8, 0), dtype=F16, head_dim=64, head_dim_v=64), "sdpa_flash"),
+    ("grouped-query, causal, no mask", dict(kv_heads=4, causal=True, dropout=True), "sdpa_flash"),
+    ("head 256 with dropout on sm90", dict(head_dim=256, head_dim_v=256, dropout=True), "sdpa_flash"),
+    ("head 256 + dropout training on sm86", dict(capability=(8, 6), head_dim=256, head_dim_v=256, dropout=True),
+     "sdpa_efficient"),
+    ("head 256 + dropout on sm86, no grad", dict(capability=(8, 6), head_dim=256, head_dim_v=256, dropout=True,
+                                                 requires_grad=False), "sdpa_flash"),
+    ("padding row + causal + dropout", dict(mask="bool", causal=True, dropout=True), "sdpa_efficient"),
+    ("additive mask that requires grad", dict(mask="float", mask_requires_grad=True), "sdpa_efficient"),
+    ("fp32", dict(dtype=F32, dropout=True), "sdpa_efficient"),
+    ("causal with Sq != Sk", dict(causal=True, q_len=128), "sdpa_efficient"),
+    ("v head dim differs", dict(head_dim_v=64), "sdpa_efficient"),
+    ("sm100 on torch 2.7", dict(capability=(10, 0), torch_version=(2, 7)), "sdpa_efficient"),
+    ("T4 fp16 with padding", dict(capability=(7, 5), dtype=F16, mask="bool"), "sdpa_efficient"),
+    ("grouped-query + padding row", dict(kv_heads=4, mask="bool", causal=True), "triton"),
+    ("fp32 grouped-query", dict(dtype=F32, kv_heads=4), "triton"),
+    ("head 20: no multiple of 8", dict(head_dim=20, head_dim_v=20), "triton"),
+    ("unaligned views", dict(aligned=False), "triton"),
+    ("no keys", dict(kv_len=0), "triton"),
+    ("grouped-query on torch 2.4", dict(kv_heads=4, torch_version=(2, 4)), "triton"),
+    ("grouped-query + mask that requires grad", dict(kv_heads=4, mask="float", mask_requires_grad=True), "pytorch"),
+    ("float64", dict(dtype=torch.float64), "pytorch"),
+    ("grouped-query + padding, no triton", dict(kv_heads=4, mask="bool", triton=False), "pytorch"),
+    ("cpu", dict(device="cpu", capability=None, triton=False), "pytorch"),
+    ("cpu under TRITON_INTERPRET", dict(device="cpu", capability=None, mask="bool"), "triton"),
+    ("tempo mode", dict(mode="tempo", dropout=True), "tempo"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, backend", DISPATCH, ids=[c[0] for c in DISPATCH])
+def test_dispatch_table(case, overrides, backend):
+    call = _cuda_call(**overrides)
+    plan = choose_backend(call)
+    assert plan.backend == backend, plan.reasons
+    assert plan == choose_backend(call)  # a pure function
+    assert plan.saved[:3] == ("q", "k", "v")
+    if backend == "sdpa_flash":
+        assert plan.saved == ("q", "k", "v", "o", "lse", "philox_seed", "philox_offset")
+    elif backend == "sdpa_efficient":
+        assert plan.saved[-2:] == (("philox_offset", "bias") if call.mask != "none" else ("philox_seed", "philox_offset"))
+    elif backend == "tempo":
+        assert plan.saved == ("q", "k", "v", "probs", "keep_bits")
+    else:
+        assert plan.saved == ("q", "k", "v", "o", "lse") + (("mask",) if call.mask != "none" else ())
+
+
+def test_plan_for_cpu_tensors_and_the_bias_sdpa_would_get():
+    q, k, v = qkv(2, 4, 4, 5, 11, D=8, dtype=torch.float32)
+    mask = padding_mask(2, 11, "bool")
+    plan = plan_for(q, k, v, mask, 0.1, True)
+    assert plan.backend == "pytorch" and plan.saved == ("q", "k", "v", "o", "lse", "mask")
+    # the memory-efficient kernel's bias: additive in q's dtype, padded to 8 keys, a broadcast view of [B,1,1,Sk]
+    bias = efficient_bias(mask, q, k)
+    assert bias.shape == (2, 4, 5, 11) and bias.dtype == torch.float32 and bias.stride()[1:3] == (0, 0)
+    assert bias.stride(0) % 8 == 0 and bias.untyped_storage().nbytes() == 2 * 16 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                                   attention(q, k, v, mask))
+    assert efficient_bias(None, q, k) is None
+
+
+def test_mask_builder_returns_none_or_the_padding_row():
+    """Plain causal / bidirectional masks come back as None or the [b, 1, 1, s] row; others as sdpa_mask's."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[0, 4:] = False
+    for fn, allow in ((causal_mask_function, dict()), (bidirectional_mask_function,
+                                                       dict(allow_is_bidirectional_skip=True))):
+        assert mask_builder(2, 6, 6, mask_function=fn, attention_mask=None, **allow) is None
+        assert mask_builder(2, 6, 6, mask_function=fn, attention_mask=torch.ones_like(pad), **allow) is None
+        row = mask_builder(2, 6, 6, mask_function=fn, attention_mask=pad, **allow)
+        assert row.shape == (2, 1, 1, 6) and torch.equal(row[:, 0, 0], pad)
+    # sliding window, cache offsets, a mask that must be materialized: transformers' own mask
+    for kw in (dict(local_size=3), dict(kv_offset=2, kv_length=8), dict(allow_is_causal_skip=False)):
+        args = dict(batch_size=2, q_length=6, kv_length=6, mask_function=causal_mask_function, attention_mask=pad)
+        args.update(kw)
+        got = mask_builder(**args)
+        assert got.shape == (2, 1, 6, args["kv_length"]) and torch.equal(got, sdpa_mask(**args))
+
+
+# ------------------------------------------------------------------------------------------------
 # HF transformers
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -385,7 +524,7 @@ def registered():
         calls.append(1)
         return hf_attention_forward(*args, **kwargs)
 
-    names = {"tempo_test_bool": sdpa_mask, "tempo_test_additive": eager_mask}
+    names = {"tempo_test_bool": sdpa_mask, "tempo_test_additive": eager_mask, "tempo_test_row": mask_builder}
     for name, mask_fn in names.items():
         AttentionInterface.register(name, counted)
         AttentionMaskInterface.register(name, mask_fn)
@@ -433,7 +572,7 @@ def test_hf_models_eager_vs_ours(kind, registered):
             assert grads_.keys() == ref_grads.keys()
             for n in ref_grads:
                 torch.testing.assert_close(grads_[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
-    assert len(calls) == 2 * 2 * 2  # two masks x two registrations x two layers
+    assert len(calls) == 2 * 3 * 2  # two masks x three registrations x two layers
 
 
 def test_hf_output_layout_shares_storage_with_the_saved_output():

@@ -447,21 +447,29 @@ def _aligned_bias(bias: torch.Tensor) -> bool:
     return bias.stride(-1) == 1 and all(s % 8 == 0 for s in bias.stride()[:-1])
 
 
-def _sdpa_efficient(q, k, v, mask, p, causal, scale):
-    """``aten._scaled_dot_product_efficient_attention``: a padding mask and ``is_causal`` together (the public
-    SDPA takes one or the other). A boolean mask becomes an additive bias in q's dtype of the mask's own
-    (broadcast) shape, as SDPA converts it; the bias is padded to 8 keys when unaligned, then expanded."""
+def efficient_bias(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The mask as ``aten._scaled_dot_product_efficient_attention`` takes it, prepared as SDPA prepares it: a
+    boolean mask becomes an additive bias in q's dtype (0 / -inf) of the mask's own broadcast shape, a float
+    mask is cast to q's dtype; unless every stride but the last is a multiple of 8 elements, the last dim is
+    padded to a multiple of 8 and sliced back; then it is expanded (a view) to [B, H, Sq, Sk]."""
+    bias = _as_4d(mask)
+    if bias is None:
+        return None
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
-    bias = _as_4d(mask)
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, -math.inf)
-        else:
-            bias = bias.to(q.dtype)
-        if not _aligned_bias(bias):
-            bias = F.pad(bias, (0, 8 - Sk % 8))[..., :Sk]
-        bias = bias.expand(B, H, Sq, Sk)
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, -math.inf)
+    else:
+        bias = bias.to(q.dtype)
+    if not _aligned_bias(bias):
+        bias = F.pad(bias, (0, 8 - Sk % 8))[..., :Sk]
+    return bias.expand(B, H, Sq, Sk)
+
+
+def _sdpa_efficient(q, k, v, mask, p, causal, scale):
+    """``aten._scaled_dot_product_efficient_attention``, which takes a padding mask and ``is_causal`` together
+    (the public SDPA takes one or the other); the mask prepared by :func:`efficient_bias`."""
+    bias = efficient_bias(mask, q, k)
     inputs = (q, k, v) if bias is None else (q, k, v, bias)
     need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, need_lse, p, causal,
