@@ -108,6 +108,9 @@ class Policy:
             return self._plan_gated_mlp(name, module, cfg, plan)
         if cfg.norm == "inplace" and _is_norm(module):
             return self._swap(plan, name, module, "norm=inplace", _inplace_norm)
+        if cfg.norm == "inplace" and _norms_not_worth_replacing(module):
+            plan.skips.append(Skip(name, type(module).__name__, f"norm=inplace: {_norms_not_worth_replacing(module)}"))
+            return True  # claimed: the norms inside stay HF's
         if cfg.dropout == "seed" and type(module) is nn.Dropout:
             return self._swap(plan, name, module, "dropout=seed", _seed_dropout)
         act = activation_name(module)
@@ -323,6 +326,12 @@ def _is_norm(module):
     from .nn.norm_families import is_norm
 
     return is_norm(module)
+
+
+def _norms_not_worth_replacing(module):
+    from .nn.norm_families import not_worth_replacing
+
+    return not_worth_replacing(module)
 
 
 def _inplace_norm(module):

@@ -26,7 +26,7 @@ from .layer_norm import InplaceCohereLayerNorm, InplaceLayerNorm
 from .rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm, _computes_like_gemma, _computes_like_llama, \
     _computes_like_olmo2
 
-__all__ = ["inplace_norm", "is_norm", "KNOWN"]
+__all__ = ["inplace_norm", "is_norm", "not_worth_replacing", "KNOWN"]
 
 KNOWN = ("torch.nn.LayerNorm", "torch.nn.RMSNorm (one dimension)", "LlamaRMSNorm (round, then scale by w)",
          "Olmo2RMSNorm (scale by w in float32, round once)", "GemmaRMSNorm (scale by 1 + w in float32)",
@@ -37,6 +37,21 @@ def is_norm(module: nn.Module) -> bool:
     """A LayerNorm or RMSNorm by type or by class name (``*LayerNorm``, ``*RMSNorm``)."""
     name = type(module).__name__
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def not_worth_replacing(module: nn.Module) -> str | None:
+    """Why the norms inside ``module`` are better left alone although each is recognised, or None.
+
+    StableLM's per-head q/k LayerNorms (``StableLmLayerNormPerHead``: one ``nn.LayerNorm`` per head, each fed
+    a view of the same q or k tensor): HF's LayerNorms keep that one tensor between them, and RoPE after them
+    keeps nothing, so keeping each head's output instead saves nothing and adds the op's side buffers.
+    """
+    norms = getattr(module, "norms", None)
+    if (type(module).__name__.endswith("LayerNormPerHead") and isinstance(norms, nn.ModuleList)
+            and all(isinstance(n, nn.LayerNorm) for n in norms)):
+        return ("its per-head LayerNorms read views of one q/k tensor, which they keep once between them; keeping "
+                "each head's output instead would save nothing and add the side buffers")
+    return None
 
 
 def inplace_norm(module: nn.Module) -> nn.Module:
