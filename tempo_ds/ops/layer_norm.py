@@ -201,8 +201,9 @@ def side_buffer(x2: torch.Tensor, weight, bias, out_dtype: torch.dtype, k: int, 
 def patch_xhat(xhat: torch.Tensor, side: torch.Tensor, idx: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """Replace in ``xhat`` [M, N] (in place) the columns of ``idx`` that ``bad`` [N] marks by ``side``."""
     if idx.numel():
-        kept = torch.where(bad.index_select(0, idx), side.to(xhat.dtype), xhat.index_select(1, idx))
-        xhat.index_copy_(1, idx, kept)
+        cols = idx.expand(xhat.shape[0], idx.numel())
+        kept = torch.where(bad.index_select(0, idx), side.to(xhat.dtype), torch.gather(xhat, 1, cols))
+        xhat.scatter_(1, cols, kept)  # several times faster on CPU than index_copy_ along dim 1
     return xhat
 
 
