@@ -72,7 +72,7 @@ def _choices(key: str) -> tuple[str, ...]:
 
 
 # -- command line --------------------------------------------------------------------------------------------
-def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_config_arguments(parser: argparse.ArgumentParser, aliases: bool = True) -> argparse.ArgumentParser:
     """Add tempo_ds's options to ``parser`` (an argument group "tempo_ds") and return it.
 
     ``--tempo``                 turn tempo_ds on with its defaults (or the config's section)
@@ -93,7 +93,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     - ``--attention_dropout_checkpoint``: ``attention=tempo`` (Tempo's attention-dropout recomputation)
 
     An alias is added only if the parser does not define that option already (training scripts often do;
-    add tempo_ds's arguments after your own). Its value is read from ``args`` either way.
+    add tempo_ds's arguments after your own), and none with ``aliases=False``. Its value is read from ``args``
+    either way.
     """
     group = parser.add_argument_group("tempo_ds", "tempo_ds activation-memory techniques")
     group.add_argument("--tempo", action="store_true", default=False,
@@ -107,7 +108,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                        help="bits per element of few-bit activations")
     known = getattr(parser, "_option_string_actions", {})
     for flag, technique in DEEPSPEED_EXAMPLES_FLAGS.items():
-        if f"--{flag}" not in known:
+        if aliases and f"--{flag}" not in known:
             what = ", ".join(f"{k}={v}" for k, v in technique.items()) or "defaults"
             group.add_argument(f"--{flag}", action="store_true", default=False,
                                help=f"DeepSpeedExamples alias: tempo_ds on ({what})")
@@ -171,6 +172,21 @@ def resolve_config(args: Any = None, config: Any = None, config_params: Any = No
     return _resolve(*_deepspeed_config(args, config, config_params), args)
 
 
+# Tempo options of the whole process, given ahead of the script (``python -m tempo_ds.run --tempo_gelu inplace
+# train.py ...`` or ``TEMPO_DS_ARGS``): an argparse namespace that tempo_ds.run sets. They lie under the section
+# and under the options on ``args`` (the script's own parser), like every command-line option.
+PROCESS_OPTIONS: Any = None
+
+
+def _layer(low: dict, high: dict) -> dict:
+    """``high``'s settings over ``low``'s; few-bit settings merge key by key."""
+    if "fewbit" in high and "fewbit" in low:
+        high = {**high, "fewbit": {**low["fewbit"], **high["fewbit"],
+                                   "functions": {**low["fewbit"].get("functions", {}),
+                                                 **high["fewbit"].get("functions", {})}}}
+    return {**low, **high}
+
+
 def _resolve(ds: dict | None, where: str, args: Any) -> TempoConfig | None:
     section = ds.get(SECTION) if ds else None
     merged: dict = {}
@@ -179,15 +195,11 @@ def _resolve(ds: dict | None, where: str, args: Any) -> TempoConfig | None:
             merged = TempoConfig.build({SECTION: section}).model_dump(exclude_unset=True)
         except TempoConfigError as exc:
             raise TempoConfigError(f"{where}: {exc}") from None
-    cli = _cli_settings(args)
+    cli = _layer(_cli_settings(PROCESS_OPTIONS), _cli_settings(args))
     if section is None and not cli:
         return None
-    if "fewbit" in cli and "fewbit" in merged:
-        cli = {**cli, "fewbit": {**merged["fewbit"], **cli["fewbit"],
-                                 "functions": {**merged["fewbit"].get("functions", {}),
-                                               **cli["fewbit"].get("functions", {})}}}
     try:
-        return TempoConfig.validate_dict({**merged, **cli})
+        return TempoConfig.validate_dict(_layer(merged, cli))
     except TempoConfigError as exc:
         raise TempoConfigError(f"command-line tempo options: {exc}") from None
 

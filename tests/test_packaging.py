@@ -28,7 +28,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_installs_no_top_level_kernels(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith((".dist-info", ".data"))}
-    assert top == {"tempo_ds"}
+    assert top == {"tempo_ds", "tempo_ds.pth"}  # tempo_ds.pth: tempo_ds.run's start-up hook, at site-packages' top
     assert "tempo_ds/kernels/__init__.py" in names
     assert "tempo_ds/data/shakespeare.txt.gz" in names
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
