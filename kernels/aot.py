@@ -47,10 +47,16 @@ MODULES = ("attention", "dropout", "fewbit", "gelu", "layer_norm", "gated_mlp")
 _SPECS: list[tuple[str, int, dict]] = []  # (module, arch, spec): inherited by forked workers
 
 
-def specializations(full: bool = False, archs=ARCHS) -> list[tuple[str, int, dict]]:
-    """``(module, arch, spec)`` for every kernel module's ``aot_specializations(full, arch=arch)``."""
+def specializations(full: bool = False, archs=ARCHS, only=None) -> list[tuple[str, int, dict]]:
+    """``(module, arch, spec)`` for every kernel module's ``aot_specializations(full, arch=arch)`` (or the modules
+    named in ``only``)."""
+    unknown = set(only or ()) - set(MODULES)
+    if unknown:
+        raise ValueError(f"unknown kernel modules {sorted(unknown)}; allowed: {', '.join(MODULES)}")
     out = []
     for module_name in MODULES:
+        if only and module_name not in only:
+            continue
         if importlib.util.find_spec(f"tempo_ds.kernels.{module_name}") is None:
             continue
         module = importlib.import_module(f"tempo_ds.kernels.{module_name}")
@@ -81,13 +87,22 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
 def _ptxas_log(buffer):
     """Compile afresh (no cache hit) with ptxas' ``-v`` report printed, and capture it: the report is the only
     place that tells spilled registers from other stack use (e.g. dynamically indexed register arrays)."""
-    from triton import knobs
+    try:
+        from triton import knobs
 
-    with knobs.nvidia.scope(), knobs.compilation.scope():
-        knobs.nvidia.dump_ptxas_log = True
-        knobs.compilation.always_compile = True
-        with contextlib.redirect_stdout(buffer):
-            yield
+        scopes = (knobs.nvidia.scope(), knobs.compilation.scope())
+    except (ImportError, AttributeError):  # an older triton: its environment variables
+        scopes = ()
+    with contextlib.ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(scope)
+        if scopes:
+            knobs.nvidia.dump_ptxas_log = True
+            knobs.compilation.always_compile = True
+        else:
+            os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+        stack.enter_context(contextlib.redirect_stdout(buffer))
+        yield
 
 
 def compile_one(module: str, arch: int, spec: dict) -> dict:
@@ -122,24 +137,35 @@ def compile_one(module: str, arch: int, spec: dict) -> dict:
         row["ok"] = True
         row["fits"] = row["shared"] <= row["limit"]
     except Exception as exc:  # a compile error is a result to report, not a crash
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        row["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+        row["error"] = _describe(exc)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def _describe(exc: BaseException) -> str:
+    """The root cause of a compile error in one line (a CompilationError wraps e.g. the NameError of a global)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if type(exc).__name__ == "CompilationError" and len(lines) > 1:  # "at L:C:", source lines, caret
+        text = f"{lines[0]} {lines[-2] if lines[-1] == '^' else lines[-1]}"
+    else:
+        text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _compile_index(i: int) -> dict:
     return compile_one(*_SPECS[i])
 
 
-def run(full: bool = False, archs=ARCHS, jobs: int | None = None, progress=None) -> list[dict]:
+def run(full: bool = False, archs=ARCHS, jobs: int | None = None, progress=None, only=None) -> list[dict]:
     """Compile every specialization for every arch (``jobs`` worker processes); result rows in spec order."""
     global _SPECS
     for arch in archs:
         if arch not in SHARED_MEMORY:
             raise ValueError(f"arch={arch} is not one of {sorted(SHARED_MEMORY)}")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said out loud
-    _SPECS = specializations(full, archs)
+    _SPECS = specializations(full, archs, only)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(_SPECS) or 1))
     if jobs == 1:
         rows = []
@@ -163,8 +189,8 @@ def run(full: bool = False, archs=ARCHS, jobs: int | None = None, progress=None)
     return rows
 
 
-def run_subprocess(full: bool = False, archs=ARCHS, jobs: int | None = None, timeout: float | None = None
-                   ) -> list[dict]:
+def run_subprocess(full: bool = False, archs=ARCHS, jobs: int | None = None, timeout: float | None = None,
+                   only=None) -> list[dict]:
     """:func:`run` in a fresh Python process with ``TRITON_INTERPRET`` unset (safe to call from tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "tempo_ds.kernels.aot", "--json", "-", "--arch", ",".join(map(str, archs))]
@@ -172,6 +198,8 @@ def run_subprocess(full: bool = False, archs=ARCHS, jobs: int | None = None, tim
         cmd.append("--full")
     if jobs:
         cmd += ["--jobs", str(jobs)]
+    if only:
+        cmd += ["--only", ",".join(only)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -228,6 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (default 80,90; "
                    f"known: {','.join(map(str, sorted(SHARED_MEMORY)))})")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
+    p.add_argument("--only", default=None, metavar="MODULES", help="comma-separated kernel modules (default: all of "
+                   f"{','.join(MODULES)})")
     p.add_argument("--json", metavar="PATH", default=None, help="write the result rows as JSON ('-' = stdout only)")
     p.add_argument("--all-rows", action="store_true", help="print every specialization, not only the summary "
                    "and the failures")
@@ -249,12 +279,13 @@ def execute(args) -> int:
     archs = parse_archs(args.arch)
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs={args.jobs} must be >= 1")
+    only = tuple(m for m in args.only.split(",") if m) if args.only else None
     to_stdout = args.json == "-"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        rows = run_subprocess(args.full, archs, args.jobs)
+        rows = run_subprocess(args.full, archs, args.jobs, only=only)
     else:
         start = time.perf_counter()
-        rows = run(args.full, archs, args.jobs)
+        rows = run(args.full, archs, args.jobs, only=only)
         if not to_stdout:
             print(f"compiled {len(rows)} specializations for {', '.join(f'sm_{a}' for a in archs)} in "
                   f"{time.perf_counter() - start:.1f} s")
