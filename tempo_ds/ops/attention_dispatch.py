@@ -29,13 +29,15 @@ implementations do; each is consistent with itself across forward, backward and 
 
 The constraints below restate ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`` (``can_use_flash_attention``
 and ``can_use_mem_efficient_attention``) for the calls we make, conservatively where a torch release may
-differ: flash needs sm80..sm121 (sm80..sm90 before torch 2.8), fp16/bf16, equal q/k/v head dims that are a
+differ: flash needs sm80..sm121 (taken as sm80..sm90 before torch 2.8, conservatively), fp16/bf16, equal q/k/v head dims that are a
 multiple of 8 and at most 256 (not a multiple of 8 would make SDPA pad copies of q, k, v, which it then
 keeps), no mask, ``Sq == Sk`` when causal, and on sm86-89/sm120-121 in training a head dim <= 192 (or > 224
 without dropout); grouped-query heads need torch >= 2.5 (``enable_gqa``). The memory-efficient kernel needs
 sm50..sm121, fp32/fp16 (and bf16 from sm80), equal q/k head dims, q and v head dims divisible by the GEMM
 alignment (8 for fp16/bf16 on tensor-core GPUs, 4 for fp32 from sm80, 1 otherwise), storage offsets aligned
-to it, and - in the torch releases this was checked against (<= 2.13) - as many k/v heads as query heads.
+to it, and as many k/v heads as query heads (grouped-query support for it is recent, PyTorch PR #191085; it is
+treated as absent in every release until checked on a GPU; repeating k and v instead would keep them at the
+query head count).
 Both need the last dimension contiguous and non-empty sequences. A user's ``torch.backends.cuda.enable_*_sdp``
 switches are not consulted: tempo_ds picks the kernel itself.
 """
