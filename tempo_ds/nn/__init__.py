@@ -7,11 +7,12 @@ from .fewbit import (FewBitActivation, FewBitCELU, FewBitELU, FewBitGELU, FewBit
 from .gated_mlp import GatedDownProjection, GatedMLP
 from .gelu import InplaceGELU
 from .gelu_linear import GeluLinear
-from .layer_norm import InplaceLayerNorm
-from .rms_norm import InplaceRMSNorm
+from .layer_norm import InplaceCohereLayerNorm, InplaceLayerNorm
+from .norm_families import inplace_norm
+from .rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm
 
 __all__ = ["LeanAttention", "SeedDropout", "GatedMLP", "GatedDownProjection", "InplaceGELU", "GeluLinear",
-           "InplaceLayerNorm", "InplaceRMSNorm",
+           "InplaceLayerNorm", "InplaceRMSNorm", "InplaceGemmaRMSNorm", "InplaceCohereLayerNorm", "inplace_norm",
            "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
            "FewBitELU", "FewBitCELU", "FewBitSELU", "FewBitMish", "FewBitLogSigmoid", "FewBitSoftsign",
            "FewBitTanhshrink", "FewBitHardswish", "FewBitReLU", "FewBitLeakyReLU", "FewBitReLU6", "FewBitHardtanh"]
