@@ -248,7 +248,11 @@ def plan_lm_loss(model: nn.Module, cfg, plan, skip=lambda name: False) -> None:
     def skipped(reason: str) -> None:
         plan.skips.append(Skip(head_name, type(head).__name__, f"lm_loss=chunked: {reason}"))
 
+    from .liger import forward_reason
+
     found = _verified(model)
+    if found is None and forward_reason(model):
+        return skipped(forward_reason(model))
     if found is None:
         return skipped(f"{name}.forward is not one tempo_ds has verified (causal: {', '.join(CAUSAL)}; "
                        f"masked: {', '.join(MASKED)})")

@@ -135,7 +135,7 @@ class Policy:
             return False
         plan.swaps.append(Swap(name, module, fused, "mlp=recompute"))
         fewbit = cfg.silu if fused.activation == "silu" else cfg.gelu
-        if fewbit == "fewbit":
+        if fewbit == "fewbit" and hasattr(module, fused.act_name):  # (Liger's MLPs have no activation module)
             key = "silu" if fused.activation == "silu" else "gelu"
             plan.skips.append(Skip(f"{name}.{fused.act_name}", type(getattr(fused, fused.act_name)).__name__,
                                    f"{key}=fewbit: inside a gated MLP fused by mlp=recompute, which keeps fewer "

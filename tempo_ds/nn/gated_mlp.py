@@ -99,7 +99,12 @@ class GatedMLP(nn.Module):
     @classmethod
     def from_module(cls, mlp: nn.Module) -> "GatedMLP":
         """The fused twin of a HF gated MLP, holding its Parameter objects; ``TypeError`` naming the reason when
-        ``mlp`` is not a gated MLP this module reproduces exactly."""
+        ``mlp`` is not a gated MLP this module reproduces exactly. Liger-Kernel's gated MLPs are taken where
+        their maths is verified (``tempo_ds.liger``)."""
+        from tempo_ds.liger import is_liger, mlp_from_liger
+
+        if is_liger(mlp):
+            return mlp_from_liger(mlp)
         children = dict(mlp.named_children())
         layout = "fused" if "gate_up_proj" in children else "dense"
         names = _FUSED if layout == "fused" else _DENSE

@@ -63,11 +63,9 @@ class InplaceLayerNorm(nn.LayerNorm):
 
 def _computes_like_cohere(module: nn.Module) -> bool:
     """HuggingFace's ``CohereLayerNorm.forward`` or a verbatim copy (``Cohere2LayerNorm``)."""
-    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from .rms_norm import computes_like, transformers_class
 
-    from .rms_norm import computes_like
-
-    return computes_like(module, CohereLayerNorm)
+    return computes_like(module, transformers_class(("cohere", "CohereLayerNorm"), ("cohere2", "Cohere2LayerNorm")))
 
 
 class InplaceCohereLayerNorm(nn.Module):

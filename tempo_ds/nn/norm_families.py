@@ -15,8 +15,10 @@ Arithmetic (reference class) -> replacement; families in transformers 5.x:
 * ``CohereLayerNorm`` -> InplaceCohereLayerNorm: Cohere, Cohere 2 (also per-head q/k).
 
 A class matches a reference when its methods have the reference's bytecode, constants and attribute names
-(transformers' "Copied from" classes do); a patched class (Liger's ``LigerRMSNorm``), T5's ``T5LayerNorm``
-(casts to the weight's dtype) or a LayerNorm subclass with its own ``forward`` does not, and is left alone.
+(transformers' "Copied from" classes do); T5's ``T5LayerNorm`` (casts to the weight's dtype) or a LayerNorm
+subclass with its own ``forward`` does not, and is left alone. References are the classes transformers itself
+defines, never a name a patcher rebound (``rms_norm.transformers_class``); Liger-Kernel's norms are taken by
+their own rules (``tempo_ds.liger``).
 """
 from __future__ import annotations
 
@@ -35,8 +37,11 @@ KNOWN = ("torch.nn.LayerNorm", "torch.nn.RMSNorm (one dimension)", "LlamaRMSNorm
 
 def is_norm(module: nn.Module) -> bool:
     """A LayerNorm or RMSNorm by type or by class name (``*LayerNorm``, ``*RMSNorm``)."""
+    from ..liger import is_liger_norm
+
     name = type(module).__name__
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm")) or \
+        is_liger_norm(module)
 
 
 def not_worth_replacing(module: nn.Module) -> str | None:
@@ -56,7 +61,11 @@ def not_worth_replacing(module: nn.Module) -> str | None:
 
 def inplace_norm(module: nn.Module) -> nn.Module:
     """The in-place replacement of ``module``, holding its Parameter objects; ``TypeError`` with the reason
-    when its arithmetic is not one tempo_ds reproduces exactly."""
+    when its arithmetic is not one tempo_ds reproduces exactly. Liger-Kernel's norms: ``tempo_ds.liger``."""
+    from ..liger import is_liger_norm, norm_from_liger
+
+    if is_liger_norm(module):
+        return norm_from_liger(module)
     if isinstance(module, nn.LayerNorm):
         return InplaceLayerNorm.from_module(module)
     if isinstance(module, nn.RMSNorm):

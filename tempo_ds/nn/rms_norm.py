@@ -45,6 +45,8 @@ def computes_like(module: nn.Module, reference: type, methods: tuple[str, ...] =
     """Whether ``module``'s class runs ``reference``'s code for each of ``methods`` (the same bytecode,
     constants and attribute names, so the same arithmetic on the same attributes). transformers' "Copied
     from" classes (Mistral's RMSNorm is Llama's) qualify; anything else, Liger's patches included, does not."""
+    if reference is None:
+        return False
     for method in methods:
         ours = _code_key(getattr(type(module), method, None))
         if ours is None or ours != _code_key(getattr(reference, method, None)):
@@ -52,22 +54,36 @@ def computes_like(module: nn.Module, reference: type, methods: tuple[str, ...] =
     return True
 
 
-def _llama_reference():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+def transformers_class(*candidates: tuple[str, str]) -> type | None:
+    """The first of ``(family, class name)`` that transformers itself defines, e.g. ``("llama", "LlamaRMSNorm")``.
 
-    return LlamaRMSNorm
+    Liger-Kernel (and other patchers) rebind ``modeling_<family>.<name>`` to their own classes; a reference read
+    from a rebound name would recognise the patch as the original. A class whose ``__module__`` is not its
+    ``modeling_<family>`` module has been rebound, so the next verbatim copy in another family is used."""
+    import importlib
+
+    for family, name in candidates:
+        path = f"transformers.models.{family}.modeling_{family}"
+        try:
+            cls = getattr(importlib.import_module(path), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls.__module__ == path:
+            return cls
+    return None
+
+
+def _llama_reference():
+    return transformers_class(("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm"),
+                              ("granite", "GraniteRMSNorm"), ("mixtral", "MixtralRMSNorm"))
 
 
 def _olmo2_reference():
-    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
-
-    return Olmo2RMSNorm
+    return transformers_class(("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"))
 
 
 def _gemma_reference():
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-
-    return GemmaRMSNorm
+    return transformers_class(("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"))
 
 
 def _computes_like_llama(module: nn.Module) -> bool:
