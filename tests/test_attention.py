@@ -490,6 +490,18 @@ def test_plan_for_cpu_tensors_and_the_bias_sdpa_would_get():
     assert efficient_bias(None, q, k) is None
 
 
+def test_sdpa_flash_call_on_the_cpu_flash_kernel():
+    """The flash branch's call (grouped-query heads through enable_gqa, scale, causality) on the CPU flash kernel,
+    the one SDPA backend this machine has: the same numbers as ours."""
+    import importlib
+
+    ops = importlib.import_module("tempo_ds.ops.attention")
+    q, k, v = qkv(2, 4, 2, 9, 9, dtype=torch.float32)
+    for causal in (False, True):
+        torch.testing.assert_close(ops._sdpa_flash(q, k, v, 0.0, causal, 0.3),
+                                   attention(q, k, v, is_causal=causal, scale=0.3))
+
+
 def test_mask_builder_returns_none_or_the_padding_row():
     """Plain causal / bidirectional masks come back as None or the [b, 1, 1, s] row; others as sdpa_mask's."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
