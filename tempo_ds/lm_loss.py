@@ -34,7 +34,7 @@ import functools
 import importlib
 import inspect
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -127,7 +127,6 @@ class _Spec:
     forward: object                      # the class's forward function
     labels_at: int                       # index of ``labels`` among the positional arguments (after self)
     keep_logits: int = 0                 # > 0 inside full_logits()
-    installed: bool = field(default=False, repr=False)
 
 
 @dataclass

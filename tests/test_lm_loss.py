@@ -260,6 +260,9 @@ def test_logits_when_asked_eval_tuple_output_and_revert():
     torch.testing.assert_close(out.logits, expected.logits)
     loss, *_ = model(**batch, return_dict=False)  # tuple: (loss, ...) without logits
     torch.testing.assert_close(loss, expected.loss)
+    positional = model(batch["input_ids"], None, None, None, None, batch["labels"])  # labels is 6th in Llama's
+    assert positional.logits is None
+    torch.testing.assert_close(positional.loss, expected.loss)
     model.eval()
     out = model(**batch)
     assert out.logits.shape == (2, 12, 96)
