@@ -401,3 +401,18 @@ def test_every_family_trains_like_hf_with_the_defaults(family):
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "cohere"])
+def test_norm_variants_under_checkpoint_recompute(family):
+    """HF gradient checkpointing recomputes every layer in backward: Gemma's scale 1 + w is rebuilt and Cohere's
+    centring and per-head product rerun; gradients equal the run without checkpointing."""
+    model = _family(family)
+    tempo_ds.inject(model, **NORM_ONLY)
+    batch = _batch(model, 2, 16)
+    loss0, grads0 = _loss_and_grads(model, batch)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    loss1, grads1 = _loss_and_grads(model, batch)
+    assert torch.equal(loss1, loss0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
