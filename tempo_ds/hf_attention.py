@@ -111,7 +111,8 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     ``is_causal=False``), as sdpa does without a mask; a materialized mask carries it itself. Nothing is read
     from a device tensor. ``dropout`` is already 0 in eval mode (the HF modules pass ``0.0 if not
     self.training``). An additive ``position_bias`` (T5-style) is added to the mask. ``mode`` is
-    ``attention``'s. Returns ``(attn_output [b, s_q, h, d], None)``.
+    ``attention``'s. Returns ``(attn_output [b, s_q, h, d], None)``, or the attention probabilities in place of
+    None when the model is asked for ``output_attentions`` (:func:`attention_probabilities`).
     """
     from tempo_ds.ops.attention import attention
 
@@ -136,4 +137,38 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
             mask = bias + mask
     out = attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
                     mode=mode)
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if kwargs.get("output_attentions"):
+        if dropout > 0:
+            _warn_once("output_attentions=True with attention dropout: tempo_ds returns the probabilities before "
+                       "dropout (its dropout masks are regenerated from a seed inside the attention op)")
+        weights = attention_probabilities(query, key, mask, is_causal, scaling)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                            scaling: float | None) -> torch.Tensor:
+    """``softmax(scale * q k^T + mask)`` [b, h, s_q, s_k] in the query's dtype, as transformers' eager attention
+    returns for ``output_attentions=True``: computed only when asked, with ordinary autograd ops (so a loss
+    on the probabilities gets its gradient), and kept by nothing else. Masked keys get float32's minimum, so a
+    row with no visible key is uniform, as in eager."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads != kv_heads:
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scale
+    lowest = torch.finfo(torch.float32).min
+    if mask is not None:
+        scores = scores.masked_fill(~mask, lowest) if mask.dtype == torch.bool else scores + mask.float()
+    if is_causal:
+        s_q, s_k = scores.shape[-2:]
+        visible = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).tril(s_k - s_q)
+        scores = scores.masked_fill(~visible, lowest)
+    return scores.softmax(-1).to(query.dtype)

@@ -754,3 +754,37 @@ def test_triton_kernel_takes_the_seed_as_a_device_tensor(kernel):
     assert all(torch.equal(a, b) for a, b in zip(back_int, back_tensor))
     with pytest.raises(ValueError, match="int64"):
         kernel.attention_forward(q, k, v, None, False, scale, 0.4, torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_output_attentions_are_eager_probabilities_computed_only_on_request(family):
+    """An eager model asked for ``output_attentions`` gets the same probabilities after injection (transformers
+    otherwise returns an empty tuple for a custom implementation), and a loss on them reaches the weights."""
+    import transformers
+
+    import tempo_ds
+
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, attn_implementation="eager")
+        model_cls = transformers.BertModel
+    else:
+        config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, attn_implementation="eager")
+        model_cls = transformers.LlamaModel
+    torch.manual_seed(0)
+    plain = model_cls(config).eval()
+    model = copy.deepcopy(plain)
+    report = tempo_ds.inject(model)
+    assert report.attention == ("eager", "tempo") and "attention implementation: eager -> tempo" in str(report)
+    ids = torch.randint(0, 50, (2, 7))
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[0, -2:] = 0
+    ours = model(input_ids=ids, attention_mask=padding, output_attentions=True).attentions
+    theirs = plain(input_ids=ids, attention_mask=padding, output_attentions=True).attentions
+    assert len(ours) == len(theirs) == 2
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    sum(a.square().sum() for a in ours).backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0 if family == "llama" else \
+        model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
