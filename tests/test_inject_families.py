@@ -416,3 +416,22 @@ def test_norm_variants_under_checkpoint_recompute(family):
     assert torch.equal(loss1, loss0)
     for name, g in grads0.items():
         torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_norm_variants_compile_fullgraph():
+    """Gemma's 1 + w and Cohere's per-head path (module-level code around the ops) trace without a graph break
+    (DESIGN rule 11)."""
+    from tempo_ds.nn.norm_families import inplace_norm
+
+    torch.manual_seed(0)
+    for kind in ("gemma", "cohere_heads"):
+        build, shape = _MODULES[kind]
+        module = inplace_norm(build()).to(torch.bfloat16)
+        x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(shape, dtype=torch.bfloat16)
+        y0 = module(x)
+        (gx0,) = torch.autograd.grad(y0, x, g)
+        y1 = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+        (gx1,) = torch.autograd.grad(y1, x, g)
+        assert torch.equal(y1, y0), kind
+        torch.testing.assert_close(gx1, gx0, msg=kind)
