@@ -6,7 +6,8 @@ lacks otherwise. ``is_norm(module)`` says whether a module is a norm at all (for
 
 Arithmetic (reference class) -> replacement; families in transformers 5.x:
 
-* ``torch.nn.LayerNorm`` -> InplaceLayerNorm: BERT, GPT-2, OPT, StableLM (with its per-head q/k norms), ...
+* ``torch.nn.LayerNorm`` -> InplaceLayerNorm: BERT, GPT-2, OPT, StableLM (not its per-head q/k lists, see
+  ``not_worth_replacing``), ...
 * ``torch.nn.RMSNorm`` (one dimension) -> InplaceRMSNorm (``casting="torch"``).
 * ``LlamaRMSNorm`` -> InplaceRMSNorm (``"llama"``): Llama, Mistral, Qwen2, Qwen3 (also its per-head q/k
   norms), Phi-3, Mixtral, Granite, and other verbatim copies.
