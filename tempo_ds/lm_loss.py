@@ -13,8 +13,11 @@ How it hooks in -- HF's own forward still runs, argument handling, backbone, MoE
 * the model gets an instance-level ``forward`` (same signature, ``tempo_ds.revert`` removes it). In training
   mode, with grad enabled and ``labels`` given, it arms the head with the labels and calls the class's forward
   with ``labels=None``; the armed head computes the loss from its input (inside its own module call, so
-  ZeRO-3 has gathered the weight) and returns an empty ``[..., 0]`` placeholder instead of the logits. The
-  wrapper then returns HF's output with ``loss`` set and ``logits=None``. Every other call (eval, generation,
+  ZeRO-3 has gathered the weight) and returns an empty ``[..., 0]`` view of the loss instead of the logits
+  (the family's post-processing on it costs nothing). The wrapper adds that placeholder's sum (0) to the
+  loss, so the head's output lies on the loss's graph and hooks on it (DeepSpeed ZeRO-3's pre-backward fetch
+  of the head's parameters, which also waits for a prefetch in flight) run before the op's backward; it returns
+  HF's output with ``loss`` set and ``logits=None``. Every other call (eval, generation,
   no labels, ``logits_to_keep``, inside :func:`full_logits`) is the class's forward, untouched.
 
 HF semantics kept: causal labels are shifted as ``ForCausalLMLoss`` does (pad with ``ignore_index`` then drop
@@ -115,7 +118,11 @@ class LMLossHead(nn.Linear):
         armed.loss = linear_cross_entropy(hidden, self.weight, labels, self.bias, ignore_index=armed.ignore_index,
                                           num_items_in_batch=num_items, softcap=armed.softcap,
                                           logit_scale=armed.logit_scale)
-        return hidden.new_empty(hidden.shape[:-1] + (0,))
+        # The placeholder is an empty view of the loss, and the model's forward adds its sum (0) to the loss: the
+        # head's output is then on the loss's graph, so hooks on it run in backward before the op's backward
+        # (DeepSpeed ZeRO-3 fetches the head's parameters there, waiting for a prefetch still in flight).
+        lead = hidden.shape[:-1]
+        return armed.loss.reshape((1,) * (len(lead) + 1)).expand(*lead, 0)
 
 
 @dataclass
@@ -187,6 +194,8 @@ def _forward(model: nn.Module, *args, **kwargs):
     loss = armed.loss
     if loss is None:
         raise RuntimeError(f"lm_loss=chunked: {spec.class_name}.forward did not call its head {spec.head!r}")
+    if torch.is_tensor(out.get("logits")) and out["logits"].requires_grad:
+        loss = loss + out["logits"].sum()  # 0: the placeholder, after the family's post-processing (see the head)
     aux = getattr(out, "aux_loss", None)
     if aux is not None and hasattr(model, "router_aux_loss_coef"):
         loss = loss + model.router_aux_loss_coef * aux.to(loss.device)

@@ -293,3 +293,21 @@ def test_unsupported_heads_are_skipped_with_the_reason():
     report = tempo_ds.inject(_tiny("gpt2"), lm_loss="off")
     assert not [s for s in report.replaced if "lm_loss" in s.technique] + [s for s in report.skipped
                                                                            if "lm_loss" in s.reason]
+
+
+def test_hooks_on_the_heads_output_run_in_backward_before_its_weight_gradient():
+    """DeepSpeed ZeRO-3 fetches a module's parameters for backward from a hook on the module's output (which also
+    waits for a prefetch in flight): the armed head's placeholder output lies on the loss's graph, so that hook
+    runs, and before the op's backward produces the weight gradient."""
+    model = _tiny("llama")
+    tempo_ds.inject(model)
+    order = []
+
+    def on_output(module, args, output):
+        assert output.requires_grad and output.shape == (2, 12, 0)
+        output.register_hook(lambda g: order.append("head output"))
+
+    model.lm_head.register_forward_hook(on_output)
+    model.lm_head.weight.register_hook(lambda g: order.append("weight gradient"))
+    model(**_batch("llama")).loss.backward()
+    assert order == ["head output", "weight gradient"]
