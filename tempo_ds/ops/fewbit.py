@@ -101,11 +101,16 @@ def resolve(name: str, bits: int = 2, table=None) -> FewBitSpec:
 _SHIPPED: dict = {}
 
 
-@torch.compiler.assume_constant_result  # a host constant: torch.compile calls it instead of tracing it
 def _shipped(name: str, bits: int) -> FewBitSpec:
     if (name, bits) not in _SHIPPED:
         _SHIPPED[name, bits] = _resolve(name, bits, None)
     return _SHIPPED[name, bits]
+
+
+# A host constant: torch.compile calls it rather than tracing it (which would read the table's tensors). This is
+# what torch.compiler.assume_constant_result sets; calling that would import torch._dynamo (and triton) with
+# tempo_ds, seconds of import time and a triton imported before TRITON_INTERPRET can be set.
+_shipped._dynamo_marked_constant = True
 
 
 def _resolve(name: str, bits: int, table) -> FewBitSpec:
