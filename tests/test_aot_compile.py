@@ -14,13 +14,13 @@ from tempo_ds.kernels import aot
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
-# Spill budget, bytes of stack per thread. Triton kernels keep no local arrays, so a stack frame is spilled
-# registers. The attention kernels' tiles are chosen to spill nothing (the issue found up to 24 KB). The one spill
-# we accept is the norm backward on the widest fused rows (16384 columns): two float32 accumulators of the row
-# plus the row and its gradient need 4 x 16384 x 4 bytes of registers, more than a 512-thread program holds
-# (64 KB) in any split, so ~0.2-0.3 KB per thread goes to L1-cached local memory (0.6-0.7 KB before the fix).
-# A few bytes elsewhere are call frames of libdevice functions, not spills.
-SPILL_BUDGET = {"attention": 0, "layer_norm": 320}
+# Spill budget: bytes of spill stores per thread, from ptxas' -v report. The attention tiles were chosen so that
+# no variant spills more than ptxas' own few tens of bytes (it spills 8-60 B in some float32 variants even at
+# 64-128 registers); the issue found up to 24 KB of stack there. The one real spill we accept is the norm
+# backward on the widest fused rows (16384 columns): two float32 accumulators of the row plus the row and its
+# gradient need 4 x 16384 x 4 bytes of registers, more than a 512-thread program holds (64 KB) in any split, so
+# ~0.2-0.3 KB per thread goes to L1-cached local memory (0.3-0.7 KB before the fix).
+SPILL_BUDGET = {"layer_norm": 320}
 DEFAULT_BUDGET = 64
 
 
@@ -39,7 +39,8 @@ def test_every_specialization_compiles_and_fits_shared_memory(rows):
 
 
 def test_no_specialization_spills_beyond_its_budget(rows):
-    over = [r for r in rows if r["stack"] > SPILL_BUDGET.get(r["module"], DEFAULT_BUDGET)]
+    over = [r for r in rows if r["spill_stores"] is None
+            or r["spill_stores"] > SPILL_BUDGET.get(r["module"], DEFAULT_BUDGET)]
     assert not over, "\n" + aot.table(over)
 
 
