@@ -26,6 +26,7 @@ VOCAB = 101
 class ModelArguments:
     layers: int = 2
     hidden: int = 32
+    heads: int = 2
     seq: int = 16
     dropout: float = 0.1
     losses_json: str | None = None
@@ -38,7 +39,8 @@ def parse(argv=None) -> tuple[ModelArguments, TrainingArguments]:
 
 def build(model_args: ModelArguments, seed: int = 0) -> transformers.PreTrainedModel:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=model_args.hidden, num_hidden_layers=model_args.layers,
-                                     num_attention_heads=2, intermediate_size=4 * model_args.hidden,
+                                     num_attention_heads=model_args.heads,
+                                     intermediate_size=4 * model_args.hidden,
                                      max_position_embeddings=2 * model_args.seq,
                                      hidden_dropout_prob=model_args.dropout,
                                      attention_probs_dropout_prob=model_args.dropout)
