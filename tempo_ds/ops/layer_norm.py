@@ -10,9 +10,10 @@ Backward, with ``gw = g * w``::
     dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))    dw = sum_rows g * xhat    db = sum_rows g
 
 PyTorch keeps ``x``, ``mu`` and ``rstd``. This op keeps ``y`` and ``rstd`` and rebuilds
-``xhat = (y - b) / w`` (Tempo, Andoorveedu et al. 2022). Bytes kept for backward, for ``M`` rows:
-``M*N*y.element_size() + 4*M`` - and the ``M*N`` part is shared with the Linear that follows, so the
-LayerNorm costs only its ``rstd``. (The weight and bias are kept too, as Parameter objects: no bytes.)
+``xhat = (y - b) / w`` (Tempo, Andoorveedu et al. 2022), plus a small side buffer for the columns where
+that fails (below). The ``M*N`` bytes of ``y`` are shared with the Linear that follows, so the LayerNorm
+costs its ``rstd`` and the side buffer, about ``N/64`` of ``y``. (The weight and bias are kept too, as
+Parameter objects: no bytes.)
 
 When the output does not determine ``xhat``
 -------------------------------------------
@@ -87,8 +88,8 @@ or saved.
 
 Autocast: CUDA autocast runs ``layer_norm`` in float32, CPU autocast leaves it alone; this op does the
 same (the wrapper casts to float32 before the op), so it returns the dtype ``torch.nn.functional.layer_norm``
-would. As with any op that keeps its
-output (``torch.sigmoid``, ``torch.exp``), modifying ``y`` in place before backward makes autograd raise.
+would. As with any op that keeps its output (``torch.sigmoid``, ``torch.exp``), modifying ``y`` in place
+before backward makes autograd raise.
 """
 from __future__ import annotations
 
