@@ -23,7 +23,7 @@ How it hooks in -- HF's own forward still runs, argument handling, backbone, MoE
 HF semantics kept: causal labels are shifted as ``ForCausalLMLoss`` does (pad with ``ignore_index`` then drop
 the first; ``shift_labels`` used as given), ``ignore_index`` and ``num_items_in_batch`` read from the forward's
 kwargs as ``ForCausalLMLoss`` reads them, Gemma 2/3's ``final_logit_softcapping``, Granite's
-``logits_scaling``, Cohere's ``logit_scale``, Mixtral's ``router_aux_loss_coef * aux_loss``; BERT/RoBERTa MLM
+``logits_scaling``, Cohere's ``logit_scale``, the MoE models' ``router_aux_loss_coef * aux_loss``; BERT/RoBERTa MLM
 use ``CrossEntropyLoss()`` (mean over non-ignored labels, ``num_items_in_batch`` not used, as in HF).
 
 Only forwards tempo_ds has read are rebound: the class's ``forward`` must be one of :data:`CAUSAL` /
@@ -57,6 +57,12 @@ CAUSAL = {
     "Phi3ForCausalLM": ("phi3", "lm_head", None), "Olmo2ForCausalLM": ("olmo2", "lm_head", None),
     "GraniteForCausalLM": ("granite", "lm_head", "granite"), "CohereForCausalLM": ("cohere", "lm_head", "cohere"),
     "GPT2LMHeadModel": ("gpt2", "lm_head", None),
+    # read and verified the same way, beyond the issue's list
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "lm_head", None), "Qwen3MoeForCausalLM": ("qwen3_moe", "lm_head", None),
+    "OlmoeForCausalLM": ("olmoe", "lm_head", None), "GraniteMoeForCausalLM": ("granitemoe", "lm_head", "granite"),
+    "OlmoForCausalLM": ("olmo", "lm_head", None), "StableLmForCausalLM": ("stablelm", "lm_head", None),
+    "PhiForCausalLM": ("phi", "lm_head", None), "Starcoder2ForCausalLM": ("starcoder2", "lm_head", None),
+    "OPTForCausalLM": ("opt", "lm_head", None),
 }
 MASKED = {
     "BertForMaskedLM": ("bert", "cls.predictions.decoder", None),
