@@ -5,7 +5,7 @@
 
 Heavy dependencies (transformers, deepspeed) are imported by the modules that need them, not here.
 """
-from . import memory, ops, policies
+from . import lm_loss, memory, ops, policies
 from .config import TempoConfig, TempoConfigError
 from .deepspeed_integration import add_config_arguments, initialize
 from .inject import InjectionReport, inject, is_injected, revert
@@ -19,4 +19,5 @@ register_policy(bert_layer_policy(), first=False)  # opt-in: inject(model, polic
 __version__ = "0.1.0"
 
 __all__ = ["inject", "revert", "initialize", "add_config_arguments", "is_injected", "InjectionReport", "TempoConfig",
-           "TempoConfigError", "Policy", "register_policy", "SavedTensorMeter", "memory", "ops", "policies", "__version__"]
+           "TempoConfigError", "Policy", "register_policy", "SavedTensorMeter", "lm_loss", "memory", "ops", "policies",
+           "__version__"]
