@@ -134,11 +134,10 @@ def column_scores(weight: torch.Tensor | None, bias: torch.Tensor | None, out_dt
          else torch.ones(cols, dtype=acc, device=like.device))
     b = (bias.detach().reshape(-1).abs().to(acc) if bias is not None
          else torch.zeros(cols, dtype=acc, device=like.device))
-    overflow = w * math.sqrt(n) + b > info.max
-    ok = (w >= info.tiny) & (b <= BIAS_RATIO_LIMIT * w) & ~overflow
-    ok &= ~(w.isnan() | b.isnan())
-    score = ((b + info.tiny) / w).nan_to_num(nan=math.inf)
-    return torch.where(overflow, math.inf, score), ~ok
+    fits = w * math.sqrt(n) + b <= info.max  # False for NaN too, as every comparison below
+    bad = ~((w >= info.tiny) & (b <= BIAS_RATIO_LIMIT * w) & fits)
+    score = torch.where(fits, (b + info.tiny) / w, math.inf).nan_to_num_(nan=math.inf)
+    return score, bad
 
 
 def output_is_invertible(weight: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
