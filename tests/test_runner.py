@@ -5,7 +5,8 @@ seq 16, 3 steps) of the scripts tests/scripts/noedit_*.py, which hold no tempo_d
 
 1. ``deepspeed --num_gpus 2 --module tempo_ds.run noedit_suite.py OUT``: HF Trainer under ZeRO-2 and ZeRO-3 (bf16,
    dropout on), a DeepSpeedExamples-style script calling ``deepspeed.initialize(args=...)`` with ``--tempo_gelu
-   inplace`` after the script (its parser calls ``deepspeed.add_config_arguments``), and a ``PipelineModule``.
+   inplace`` after the script (its parser calls ``deepspeed.add_config_arguments``), a bad section and a
+   ``PipelineModule`` (both refused on every rank before DeepSpeed is called).
 2. ``accelerate launch --config_file accelerate.yaml -m tempo_ds.run --tempo_attention tempo noedit_accelerate.py``:
    accelerate's DeepSpeed plugin from the config file `accelerate config` names, carrying the section (bf16 Llama).
 3. ``deepspeed --num_gpus 2 noedit_reference.py OUT``: the same runs with the documented code changes
@@ -76,6 +77,7 @@ CONFIGS = {
     "ds_direct.json": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
                        "zero_optimization": {"stage": 1}, "tempo": DIRECT_SECTION},
+    "ds_bad.json": {"train_micro_batch_size_per_gpu": 2, "tempo": {"gelu": "inplace", "fewbit": {"bits": 5}}},
     "ds_pipe.json": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                      "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "tempo": {}},
     "ds_acc.json": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
@@ -218,6 +220,14 @@ def test_report_is_printed_by_rank_0_only(suite):
     run, _ = suite
     lines = [line for line in run.stdout.splitlines() if "tempo_ds: bert policy" in line]
     assert len(lines) == 3 and all(line.startswith("[Rank 0] ") for line in lines), lines
+
+
+def test_bad_section_fails_on_every_rank_before_anything_is_built(suite, out):
+    for found in _ranks(out, "suite"):
+        bad = found["bad_section"]
+        assert bad["raised"] == "TempoConfigError" and bad["norm"] == "LayerNorm"
+        assert f"DeepSpeed config {out / 'ds_bad.json'}" in bad["message"]
+        assert "fewbit.bits: Input should be 1, 2, 3 or 4 (got 5)" in bad["message"]
 
 
 def test_pipeline_module_is_refused_with_a_clear_message(suite, out):

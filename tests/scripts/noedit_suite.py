@@ -3,11 +3,12 @@
     deepspeed --num_gpus 2 --module tempo_ds.run noedit_suite.py OUT
 
 OUT holds the DeepSpeed configs tests/test_runner.py wrote (ds_zero2.json, ds_zero3.json, ds_direct.json,
-ds_pipe.json). In order, each as its own command line would run it: noedit_trainer.py under ZeRO-2 and under
-ZeRO-3, noedit_direct.py with --tempo_gelu inplace after the script (its parser calls
-deepspeed.add_config_arguments), and a DeepSpeed PipelineModule handed to deepspeed.initialize with a config that
-asks for tempo_ds (the exception is recorded). Each rank writes OUT/suite.rank<N>.json: the argv it got (the
-launcher's --local_rank included) and what the pipeline call raised; the scripts write their own losses.
+ds_pipe.json, ds_bad.json). In order, each as its own command line would run it: noedit_trainer.py under ZeRO-2
+and under ZeRO-3, noedit_direct.py with --tempo_gelu inplace after the script (its parser calls
+deepspeed.add_config_arguments); then deepspeed.initialize with a config whose "tempo" section is bad, and with a
+DeepSpeed PipelineModule and a config that asks for tempo_ds (the exceptions are recorded). Each rank writes
+OUT/suite.rank<N>.json: the argv it got (the launcher's --local_rank included) and what the two calls raised; the
+scripts write their own losses.
 """
 import json
 import os
@@ -47,6 +48,16 @@ def pipeline(out: str) -> dict:
     return {"raised": None}
 
 
+def bad_section(out: str) -> dict:
+    model = noedit_direct.build(noedit_direct.parser().parse_args([]))
+    try:
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=os.path.join(out, "ds_bad.json"))
+    except Exception as exc:  # noqa: BLE001  (recorded for the test)
+        norm = type(model.bert.encoder.layer[0].output.LayerNorm).__name__  # still torch's: nothing was changed
+        return {"raised": type(exc).__name__, "message": str(exc), "norm": norm}
+    return {"raised": None}
+
+
 def main() -> None:
     local_rank = [a for a in sys.argv[1:] if a.startswith("--local_rank")]
     (out,) = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -54,7 +65,7 @@ def main() -> None:
     for stage in (2, 3):
         noedit_trainer.main(trainer_argv(out, stage, local_rank))
     noedit_direct.main(direct_argv(out, local_rank))
-    found = {"argv": sys.argv, "pipeline": pipeline(out)}
+    found = {"argv": sys.argv, "bad_section": bad_section(out), "pipeline": pipeline(out)}
     with open(os.path.join(out, f"suite.rank{torch.distributed.get_rank()}.json"), "w", encoding="utf-8") as f:
         json.dump(found, f)
 
