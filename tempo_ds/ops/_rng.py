@@ -28,8 +28,8 @@ CHUNK = 1 << 22  # elements per chunk when regenerating a mask: bounds int64 tem
 
 
 def draw_seed() -> int:
-    """A 31-bit seed from the default CPU generator, as a Python int. Reads a tensor on the host: kept only
-    for ``ops/attention.py`` until it takes device seeds; every other op draws ``_library.draw_seed``."""
+    """A 31-bit seed from the default CPU generator, as a Python int (the value ``_library.draw_seed`` gives on
+    CPU). Reads a tensor on the host, so no op calls it: it is for references in tests and benchmarks."""
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
 
 
