@@ -294,7 +294,7 @@ _CANDIDATES = {
                      (Tiles(16, 32, 8, 1), Tiles(16, 32, 8, 1), Tiles(16, 32, 8, 1))],
     ("fp32", 64): [(Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(32, 32, 4, 2)),
                    (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
-    ("fp32", 128): [(Tiles(32, 32, 8, 1), Tiles(16, 32, 8, 1), Tiles(32, 32, 8, 1)),
+    ("fp32", 128): [(Tiles(32, 32, 8, 2), Tiles(16, 32, 8, 1), Tiles(32, 32, 8, 1)),
                     (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
     ("fp32", 256): [(Tiles(16, 32, 8, 1), Tiles(16, 16, 8, 1), Tiles(16, 32, 8, 1)),
                     (Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1))],
@@ -476,8 +476,7 @@ _SUBSET = [
     ("dq", torch.float16, 96, "bool", True, False, False),
     ("fwd", torch.float32, 128, "add", True, False, False),
     ("dkdv", torch.float32, 128, "add", True, False, False),
-    ("dq", torch.float32, 64, "none", False, True, True),
-    ("dkdv", torch.bfloat16, 256, "bool", False, True, False),
+    ("dkdv", torch.bfloat16, 256, "none", False, True, False),
 ]
 
 

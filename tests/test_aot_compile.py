@@ -15,12 +15,13 @@ from tempo_ds.kernels import aot
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 # Spill budget: bytes of spill stores per thread, from ptxas' -v report. The attention tiles were chosen so that
-# no variant spills more than ptxas' own few tens of bytes (it spills 8-60 B in some float32 variants even at
-# 64-128 registers); the issue found up to 24 KB of stack there. The one real spill we accept is the norm
+# no variant spills more than ptxas' own few tens of bytes (it spills 8-52 B in a few float32 variants even at
+# 80-128 registers); the issue found up to 24 KB of stack there. The one real spill we accept is the norm
 # backward on the widest fused rows (16384 columns): two float32 accumulators of the row plus the row and its
 # gradient need 4 x 16384 x 4 bytes of registers, more than a 512-thread program holds (64 KB) in any split, so
-# ~0.2-0.3 KB per thread goes to L1-cached local memory (0.3-0.7 KB before the fix).
-SPILL_BUDGET = {"layer_norm": 320}
+# up to 0.3 KB (16-bit rows) or 0.63 KB (float32 rows) per thread goes to L1-cached local memory (16-bit rows:
+# 0.3-0.7 KB before the fix).
+SPILL_BUDGET = {"layer_norm": 640}
 DEFAULT_BUDGET = 64
 
 
