@@ -13,10 +13,12 @@ import copy
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 import tempo_ds
 from tempo_ds.memory import SavedTensorMeter
+from tempo_ds.ops import linear_cross_entropy
 
 
 def build(layers: int, seq: int):
@@ -68,6 +70,34 @@ def main():
         print(f"| {label} | {r['outside']:,} | {r['outside'] / sbh:.2f} | {r['outside'] / hf:.4f} | "
               f"{r['per_layer'] / sbh:.2f} | {times[label]:.3f} | {times[label] / times['HF sdpa']:.2f} | "
               f"{cpu[label]:.3f} | {cpu[label] / cpu['HF sdpa']:.2f} |")
+
+    op_level(args.seq, args.repeats)
+
+
+def op_level(n: int, repeats: int):
+    """The head + loss alone, one thread (steadier than two on a shared machine): F.linear then
+    F.cross_entropy(logits.float()) against linear_cross_entropy, forward + backward, best of 8 or more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, 512, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(128256, 512, generator=gen) / 22).bfloat16().requires_grad_()
+    y = torch.randint(0, 128256, (n,), generator=gen)
+    variants = {"F.linear + F.cross_entropy(logits.float())": lambda: F.cross_entropy(F.linear(h, w).float(), y),
+                "tempo_ds.ops.linear_cross_entropy": lambda: linear_cross_entropy(h, w, y)}
+    best = {k: [float("inf")] * 2 for k in variants}
+    for _ in range(max(repeats, 8)):
+        for label, fn in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn().backward()
+            best[label] = [min(best[label][0], time.perf_counter() - t0), min(best[label][1], time.process_time() - c0)]
+            h.grad = w.grad = None
+    torch.set_num_threads(threads)
+    base = best["F.linear + F.cross_entropy(logits.float())"]
+    print(f"\nhead + loss alone: N={n}, H=512, V=128256, bf16, 1 thread, forward + backward")
+    print("| op | wall s | vs HF | CPU s | vs HF |\n|---|---|---|---|---|")
+    for label, (wall, cpu) in best.items():
+        print(f"| {label} | {wall:.3f} | {wall / base[0]:.2f} | {cpu:.3f} | {cpu / base[1]:.2f} |")
 
 
 if __name__ == "__main__":
