@@ -86,14 +86,14 @@ def _storage_key(t: torch.Tensor) -> tuple[tuple, int]:
 
 
 def find_layers(model: nn.Module) -> tuple[str, int]:
-    """Return ``(prefix, count)`` of the model's transformer layers: its largest ModuleList of one class."""
-    best = ("", 0)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > best[1]:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1:
-                best = (name, len(module))
-    return best
+    """Return ``(prefix, count)`` of the model's transformer layers: its largest ModuleList of one class that
+    does not sit inside another such list (StableLM's per-head q/k norm lists inside each layer are not the
+    layers, however many heads there are)."""
+    lists = [(name, len(module)) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1]
+    outer = [(name, n) for name, n in lists
+             if not any(other != name and (other == "" or name.startswith(other + ".")) for other, _ in lists)]
+    return max(outer, key=lambda item: item[1], default=("", 0))
 
 
 def _tensors_in(obj: Any) -> Iterable[torch.Tensor]:
