@@ -196,8 +196,6 @@ def test_layers_are_the_outermost_list_even_when_an_inner_list_is_longer():
     """StableLM keeps one LayerNorm per head in a ModuleList inside each layer: 4 heads > 2 layers."""
     import transformers
 
-    from tempo_ds.memory import find_layers
-
     config = transformers.StableLmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4, qk_layernorm=True)
     model = transformers.StableLmForCausalLM(config)
