@@ -38,7 +38,8 @@ def parse(argv=None) -> tuple[ModelArguments, TrainingArguments]:
 
 
 def build(model_args: ModelArguments, seed: int = 0) -> transformers.PreTrainedModel:
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=model_args.hidden, num_hidden_layers=model_args.layers,
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=model_args.hidden,
+                                     num_hidden_layers=model_args.layers,
                                      num_attention_heads=model_args.heads,
                                      intermediate_size=4 * model_args.hidden,
                                      max_position_embeddings=2 * model_args.seq,
