@@ -36,6 +36,11 @@ recompute ``P = exp(s - lse)`` block by block instead of loading it:
 The dropout mask of element (b, h, i, j) is ``hash(seed, ((b*H + h)*Sq + i)*Sk + j)``, exactly as in
 ``tempo_ds.ops.attention``, so both paths drop the same probabilities.
 
+Launch: the dropout seed is a 1-element int64 device tensor the kernels load (never read by the host); the
+tiles of each kernel come from :func:`tiles`, a pure function of head dim, dtype and the shared memory a
+program may use (read from the CUDA driver; sm_80's under the interpreter), which the ahead-of-time compile
+check (``tempo_ds.kernels.aot``) calls for sm_80 and sm_90.
+
 Numerics: scores, softmax statistics and accumulators are float32; the probabilities are cast to the
 input dtype before the P V and dS K / dS^T Q products (as in FlashAttention); float32 inputs use
 ``input_precision="ieee"`` (no TF32). Not used for float64 (the op keeps its PyTorch path).

@@ -233,7 +233,7 @@ def _forward_spec(name: str, bits: int, dtype: torch.dtype, save: bool = True) -
                 {"x_ptr": ptr, "y_ptr": ptr, "packed_ptr": "*u8" if save else ptr, "borders_ptr": "*fp32",
                  "n": "i32", "nbytes": "i32", "p0": "fp32", "p1": "fp32"},
                 dict(ACT=ACTS[name], NBORDERS=len(s.borders), BAND=s.band, NAN_CODE=s.nan_code, BITS=bits, SAVE=save,
-                     LIBDEVICE=True, BLOCK=BLOCK), num_warps=4)
+                     LIBDEVICE=_libdevice(), BLOCK=BLOCK), num_warps=4)
 
 
 def _backward_spec(bits: int, dtype: torch.dtype) -> dict:
@@ -246,7 +246,8 @@ def _backward_spec(bits: int, dtype: torch.dtype) -> dict:
 def aot_specializations(full: bool = False, arch: int = 90) -> list[dict]:
     """Forward kernels of every function x bits 1-4 (exact functions: their 1-bit code) and backward kernels of
     every bit width, for fp32/bf16/fp16 (``full``); or a subset with SELU, GELU, SiLU, a band table and the
-    no-grad forward. On CUDA ``LIBDEVICE`` is on."""
+    no-grad forward. ``LIBDEVICE`` as the launcher decides it (on: the compile check runs without the
+    interpreter)."""
     from tempo_ds.fewbit import functions
 
     if not full:
