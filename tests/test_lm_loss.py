@@ -115,6 +115,19 @@ def test_zero3_partitioned_weight_is_gathered_in_backward(zero3_gather):
     assert zero3_gather.gathered == [[w, b]] and w.grad is not None and b.grad is not None
 
 
+def test_zero3_gather_also_under_saved_tensor_hooks(zero3_gather):
+    """Under saved-tensor hooks (the meter, non-reentrant checkpointing) autograd unpacks a saved Parameter as a
+    plain tensor without ds_status; the backward still gathers (and reads) the ZeRO-3 Parameter objects."""
+    h, w, b, y = _op_inputs(torch.float32)
+    w, b, h = nn.Parameter(w), nn.Parameter(b), h.requires_grad_()
+    w.ds_id, b.ds_id = 0, 1  # what marks a ZeRO-3 Parameter
+    with SavedTensorMeter():
+        loss = linear_cross_entropy(h, w, y, b)
+    zero3_gather.partition(w, b)
+    loss.backward()
+    assert len(zero3_gather.gathered) == 1 and [p is q for p, q in zip(zero3_gather.gathered[0], (w, b))] == [True] * 2
+
+
 def test_bad_inputs_name_the_problem():
     h, w, b, y = _op_inputs(torch.float32)
     with pytest.raises(ValueError, match="reduction='avg': allowed values: 'mean', 'sum', 'none'"):
