@@ -17,16 +17,21 @@ import torch
 
 MODULE = "tempo_ds.bench.gpu"
 OPS = ["inplace_gelu", "inplace_gelu tanh", "gelu_linear", "inplace_layer_norm", "inplace_rms_norm",
-       "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"]
+       "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit", "gated_mlp silu",
+       "gated_mlp gelu_tanh, fused gate_up", "linear_cross_entropy V=512"]
+NO_KERNEL = {"gelu_linear", "linear_cross_entropy V=512"}
 NOT_COMPARABLE = {"attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"}  # other masks / table
 KERNELS = {"inplace_gelu": ["gelu.backward", "gelu.forward"], "inplace_gelu tanh": ["gelu.backward", "gelu.forward"],
            "inplace_layer_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
            "inplace_rms_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
            "attention (lean), dropout 0.1": ["attention.attention_backward", "attention.attention_forward"],
            "seed_dropout p=0.1": ["dropout.apply_seed_mask"],
-           "fewbit gelu 2-bit": ["fewbit.backward", "fewbit.forward"]}
-MODELS = ["BERT tiny", "GPT-2 tiny"]
-RUNS = ["HF eager", "HF sdpa", "tempo_ds"]
+           "fewbit gelu 2-bit": ["fewbit.backward", "fewbit.forward"],
+           "gated_mlp silu": ["gated_mlp.backward", "gated_mlp.forward"],
+           "gated_mlp gelu_tanh, fused gate_up": ["gated_mlp.backward", "gated_mlp.forward"]}
+MODELS = ["BERT tiny", "Llama tiny", "GPT-2 tiny"]
+RUNS = {"BERT tiny": ["HF eager", "tempo_ds", "HF sdpa"], "Llama tiny": ["HF sdpa", "tempo_ds"],
+        "GPT-2 tiny": ["HF eager", "tempo_ds", "HF sdpa"]}  # Llama's Liger run needs CUDA: skipped with a reason
 
 
 def load_script():
@@ -68,7 +73,7 @@ def test_kernel_rows(smoke):
     rows = doc["kernels"]["rows"]
     assert [r["op"] for r in rows] == OPS and doc["kernels"]["dtype"] == "fp16" and doc["kernels"]["passes"] == 1
     for r in rows:
-        paths = ["pytorch", "torch"] if r["op"] == "gelu_linear" else ["triton", "pytorch", "torch"]
+        paths = ["pytorch", "torch"] if r["op"] in NO_KERNEL else ["triton", "pytorch", "torch"]
         # the Triton path called the op's kernel launchers, forward and backward; the others called none
         assert r["triton_kernels"] == KERNELS.get(r["op"]), r["op"]
         assert r["pytorch_kernels"] == r["torch_kernels"] == [], r["op"]
@@ -82,7 +87,7 @@ def test_kernel_rows(smoke):
                 continue
             # fp16 against float64: a few units in the last place; in-place GELU's gradient inverts a rounded
             # output, so it is allowed its larger floor (DESIGN.md section 8)
-            assert all(math.isfinite(e) and 0 <= e < 0.05 for e in errs), (r["op"], name, errs)
+            assert all(math.isfinite(e) and 0 <= e < 0.1 for e in errs), (r["op"], name, errs)
         if "triton" in paths:
             # the kernel and the PyTorch path compute the same maths in the same precision
             assert r["triton_out_err"] <= 2 * r["pytorch_out_err"] + 1e-3, r
@@ -98,8 +103,11 @@ def test_model_rows_and_ratios(smoke):
     rows = {(r["model"], r["variant"]): r for r in models["rows"]}
     # BERT-Large / GPT-2 Large eager and tempo_ds first, HF sdpa last
     assert [(r["model"], r["variant"]) for r in models["rows"]] == [
-        ("BERT tiny", "HF eager"), ("BERT tiny", "tempo_ds"), ("GPT-2 tiny", "HF eager"), ("GPT-2 tiny", "tempo_ds"),
-        ("BERT tiny", "HF sdpa"), ("GPT-2 tiny", "HF sdpa")]
+        ("BERT tiny", "HF eager"), ("BERT tiny", "tempo_ds"), ("Llama tiny", "HF sdpa"), ("Llama tiny", "tempo_ds"),
+        ("GPT-2 tiny", "HF eager"), ("GPT-2 tiny", "tempo_ds"), ("BERT tiny", "HF sdpa"), ("GPT-2 tiny", "HF sdpa")]
+    assert models["skipped"] == [{"model": "Llama tiny", "variant": "Liger",
+                                  "reason": "skipped: needs CUDA (Liger-Kernel's Triton kernels do not run on the CPU)"}]
+    assert "- Llama tiny Liger: skipped: needs CUDA" in md
     budget = models["budget_bytes"]
     for (model, variant), r in rows.items():
         assert r["method"] == "derived" and r["complete"] is True
@@ -115,16 +123,48 @@ def test_model_rows_and_ratios(smoke):
         assert not trials[r["largest_batch"] + 1]["fits"]  # the budget, not the smoke's max_batch, stopped it
         assert f"| {model} | {r['params'] / 1e6:.1f}M | {variant} |" in md
     ratios = {(r["model"], r["variant"]): r for r in models["ratios"]}
-    assert sorted(ratios) == sorted((m, v) for m in MODELS for v in RUNS if v != "HF eager")
+    assert sorted(ratios) == sorted((m, v) for m in MODELS for v in RUNS[m][1:])
     for (model, variant), q in ratios.items():
-        r, base = rows[(model, variant)], rows[(model, "HF eager")]
+        r, base = rows[(model, variant)], rows[(model, RUNS[model][0])]
+        assert q["baseline"] == r["baseline"] == RUNS[model][0]
         assert q["largest_batch"] == pytest.approx(r["largest_batch"] / base["largest_batch"])
         assert q["equal_peak_bytes"] == pytest.approx(r["equal_peak_bytes"] / base["equal_peak_bytes"])
         assert q["largest_tokens_per_s"] == pytest.approx(r["largest_tokens_per_s"] / base["largest_tokens_per_s"])
     # tempo_ds saves activations: less memory at the same batch, at least as large a batch in the same budget
     for model in MODELS:
         assert ratios[(model, "tempo_ds")]["equal_peak_bytes"] < 1
-        assert rows[(model, "tempo_ds")]["largest_batch"] >= rows[(model, "HF eager")]["largest_batch"]
+        assert rows[(model, "tempo_ds")]["largest_batch"] >= rows[(model, RUNS[model][0])]["largest_batch"]
+
+
+def test_gated_mlp_bitwise_attention_aot_sync_compile(smoke):
+    _, doc, md = smoke
+    bitwise = doc["kernels"]["gated_mlp_bitwise"]
+    assert bitwise["status"] == "ran" and len(bitwise["rows"]) == 2 * 2 * 2  # fp32/fp16 x silu/gelu_tanh x layouts
+    for r in bitwise["rows"]:
+        # the interpreter's exp is NumPy's, so not bitwise here; the PyTorch path is HF's ops exactly
+        assert r["pytorch_equals_hf"] and r["kernels"] == ["gated_mlp.backward", "gated_mlp.forward"], r
+        assert r["max_diff_eps"] < 16 and r["err_vs_hf_x"] < 4, r
+    gpu = load_script()
+    rows = doc["kernels"]["attention"]
+    assert [(r["case"], r["impl"]) for r in rows] == [(c[0], i) for c in gpu.ATTENTION_CASES for i in gpu.ATTENTION_IMPLS]
+    for r in rows:
+        ours = r["impl"] != "HF sdpa (F.sdpa)"
+        # on the CPU the dispatch has no SDPA backend: both of ours run the Triton kernel (interpreter)
+        assert r["backend"] == ("triton" if ours else "F.sdpa (its own choice)"), r
+        assert r["kernels"] == (["attention.attention_backward", "attention.attention_forward"] if ours else []), r
+        if ours or r["dropout"] == 0:
+            assert 0 <= r["out_err"] < 0.01 and 0 <= r["grad_err"] < 0.01, r
+        else:
+            assert r["out_err"] is None and r["grad_err"] is None, r
+        assert r["ms"] > 0
+    assert doc["aot"]["status"] == "ran" and doc["aot"]["arch"] == 90 and doc["aot"]["failures"] == []
+    assert doc["aot"]["specializations"] == 18 and "| gated_mlp | sm_90 | 18 | 0 |" in md
+    assert doc["sync"] == {"status": "skipped: needs CUDA", "rows": []}
+    c = doc["compile"]
+    assert c["status"] == "ran" and c["backend"] == "aot_eager" and c["graphs"] == 1 and c["graph_breaks"] == 0, c
+    assert c["max_grad_diff"] <= 1e-6 * c["max_abs_grad"] and c["eager_tokens_per_s"] > 0 < c["compiled_tokens_per_s"]
+    for heading in ["### Gated MLP", "### Attention", "### Ahead-of-time", "## Sync check", "## torch.compile"]:
+        assert heading in md
 
 
 def test_report_of_a_stopped_search_and_allocator_retries(smoke):
@@ -144,7 +184,8 @@ def test_report_of_a_stopped_search_and_allocator_retries(smoke):
     doc["models"]["ratios"] = list(ratios.values())
     md = gpu.markdown(doc)
     assert f"| >= {stopped['largest_batch']} |" in md and "a search stopped by the deadline" in md
-    assert f"| BERT tiny | tempo_ds | - | {q['equal_tokens_per_s']:.2f}x | - | {q['equal_peak_bytes']:.2f}x |" in md
+    assert (f"| BERT tiny | tempo_ds | HF eager | - | {q['equal_tokens_per_s']:.2f}x | - | "
+            f"{q['equal_peak_bytes']:.2f}x |") in md
     assert f"| {retried['equal_peak_bytes'] / 2**30:.3g}* |" in md and "-x" not in md
 
 
@@ -176,8 +217,11 @@ def test_deadline_skips_with_notes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["kernels"]["rows"] == [] and doc["models"]["rows"] == [] and doc["models"]["ratios"] == []
-    assert len(doc["notes"]) == len(OPS) + len(MODELS) * len(RUNS)
+    gpu = load_script()
+    assert len(doc["notes"]) == len(OPS) + len(gpu.ATTENTION_CASES) + sum(map(len, RUNS.values()))
     assert all("skipped" in n for n in doc["notes"])
+    assert doc["kernels"]["gated_mlp_bitwise"]["status"].startswith("skipped")
+    assert doc["aot"]["status"].startswith("skipped") and doc["compile"]["status"].startswith("skipped")
     assert "Notes:" in (tmp_path / "gpu.md").read_text()
 
 
