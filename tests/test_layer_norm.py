@@ -439,3 +439,54 @@ def test_16bit_weight_and_bias_gradients_are_summed_in_float32(dtype, keep_input
     fp32_sums = grads(lambda *a: F.layer_norm(a[0].float(), (256,), a[1].float(), a[2].float()).to(dtype), dtype)
     for what, o, t, r in zip(("dx", "dw", "db"), ours, fp32_sums, ref):
         assert_within_2x_of_torch(o, t, r, what=f"{dtype} {what}")
+
+
+def _fused_backward_spy(layer_norm_kernel):
+    """Records, per kernel backward, whether it started from the saved output itself and with a side buffer."""
+    seen, inner = [], layer_norm_kernel.module.norm_backward
+
+    def spy(grad, src, *args, **kwargs):
+        seen.append((src.data_ptr(), kwargs.get("from_output"), kwargs.get("side") is not None))
+        return inner(grad, src, *args, **kwargs)
+
+    layer_norm_kernel.env.setattr(layer_norm_kernel.module, "norm_backward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_triton_kernel_writes_the_side_buffer_and_patches_bad_columns_itself(layer_norm_kernel, dtype):
+    """N = 200 (not a power of two, BLOCK_N 256 as on CUDA, K = 8) with 8 bad columns (zeros, subnormal,
+    |b| > |w|): the forward kernel writes PyTorch's side buffer (same columns; xhat to one rounding, the
+    interpreter rounds bfloat16 towards zero), and the fused backward, which starts from ``y`` itself and
+    patches the side columns, gives the PyTorch path's gradients."""
+    rows, n = 6, 200
+    x, w, b, g = _inputs((rows,), (n,), dtype, seed=3)
+    w[[0, 77, 199]] = 0.0
+    w[100] = torch.finfo(dtype).tiny / 8
+    w[[5, 64, 130, 150]] = 0.02
+    b[[5, 64, 130, 150]] = torch.tensor([0.5, -0.4, 0.3, -0.25], dtype=dtype)
+    assert side_columns(n, True) == 8
+    fwd = torch.ops.tempo_ds.inplace_layer_norm_fwd
+    y, _, _, side, idx = fwd(x, w, b, [n], 1e-5, "output")
+    seen = _fused_backward_spy(layer_norm_kernel)
+    kernel = _forward_backward(inplace_layer_norm, x, (n,), w, b, g)
+    assert len(seen) == 1 and seen[0][1:] == (True, True)
+    layer_norm_kernel.env.setenv("TEMPO_DS_TRITON", "0")
+    y_t, _, _, side_t, idx_t = fwd(x, w, b, [n], 1e-5, "output")
+    torch_path = _forward_backward(inplace_layer_norm, x, (n,), w, b, g)
+    assert sorted(idx.tolist()) == sorted(idx_t.tolist()) == [0, 5, 64, 77, 100, 130, 150, 199]
+    tol = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5  # float32: the statistics' sum order
+    torch.testing.assert_close(side.float(), side_t.float(), rtol=tol, atol=0)
+    for name, k, t in zip(("y", "dx", "dw", "db"), kernel, torch_path):
+        assert torch.isfinite(k).all(), name
+        torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())
+
+
+def test_triton_backward_starts_from_the_saved_output(layer_norm_kernel):
+    """No ``[M, N]`` rebuild in PyTorch: the kernel reads the saved ``y`` (the very storage the forward returned)."""
+    x, w, b, g = _inputs((4,), (24,), torch.float32)
+    seen = _fused_backward_spy(layer_norm_kernel)
+    xx = x.requires_grad_()
+    y = inplace_layer_norm(xx, 24, w, b)
+    y.backward(g)
+    assert seen == [(y.data_ptr(), True, True)]

@@ -365,3 +365,37 @@ def test_triton_kernel_saves_output_and_rstd(layer_norm_kernel):
     meter, _ = _saved(inplace_rms_norm, x.requires_grad_(), nn.Parameter(w))
     assert meter.total_bytes == 6 * 20 * 2 + 6 * 4 + 6 * 8 * 2 + 8 * 8  # y, rstd, side buffer (K = 8)
     assert layer_norm_kernel.calls == ["norm_forward"]
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
+def test_triton_kernel_writes_the_side_buffer_and_patches_zero_weights_itself(layer_norm_kernel, x_dtype, w_dtype):
+    """N = 200 (BLOCK_N 256, K = 8) with 5 zero and 3 subnormal weights: the forward kernel writes HF's rounded
+    xhat of the ranked columns, and the fused backward, starting from ``y`` itself, patches them: the PyTorch
+    path's gradients, all finite."""
+    rows, n = 6, 200
+    x, w, g = _inputs((rows,), n, x_dtype, w_dtype, seed=3)
+    w[[0, 31, 77, 150, 199]] = 0.0
+    w[[10, 90, 180]] = torch.finfo(w_dtype).tiny / 8
+    fwd = torch.ops.tempo_ds.inplace_rms_norm_fwd
+    out_dtype = torch.promote_types(x_dtype, w_dtype)
+    y, _, side, idx = fwd(x, w, 1e-6, "llama", out_dtype, "output")
+    seen, inner = [], layer_norm_kernel.module.norm_backward
+
+    def spy(grad, src, *args, **kwargs):
+        seen.append((kwargs["from_output"], kwargs["side"] is not None))
+        return inner(grad, src, *args, **kwargs)
+
+    layer_norm_kernel.env.setattr(layer_norm_kernel.module, "norm_backward", spy)
+    kernel = _forward_backward(lambda x, w: inplace_rms_norm(x, w), x, w, g)
+    assert seen == [(True, True)]
+    layer_norm_kernel.env.setenv("TEMPO_DS_TRITON", "0")
+    _, _, side_t, idx_t = fwd(x, w, 1e-6, "llama", out_dtype, "output")
+    torch_path = _forward_backward(lambda x, w: inplace_rms_norm(x, w), x, w, g)
+    assert sorted(idx.tolist()) == sorted(idx_t.tolist()) == [0, 10, 31, 77, 90, 150, 180, 199]
+    side_tol = torch.finfo(x_dtype).eps if x_dtype != F32 else 1e-5  # float32: the statistics' sum order
+    torch.testing.assert_close(side.float(), side_t.float(), rtol=side_tol, atol=0)
+    for k, t in zip(kernel, torch_path):
+        assert torch.isfinite(k).all()
+        low = [d for d in (x_dtype, k.dtype) if d in (BF16, F16)]
+        tol = max(torch.finfo(d).eps for d in low) if low else 1e-5
+        torch.testing.assert_close(k.float(), t.float(), rtol=tol, atol=tol * t.float().abs().max().item())

@@ -187,14 +187,24 @@ def rebuild_xhat(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None
     return y / w if b is None else torch.addcmul(-b / w, y, w.reciprocal())
 
 
+def side_columns_of(x2: torch.Tensor, weight, bias, out_dtype: torch.dtype, k: int) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """``(side [M, k] uninitialised in x's dtype, idx [k] int64)``: the ``k`` worst-scored columns, ranked on
+    the device, for rows ``x2`` [M, N]; the Triton forward fills ``side`` itself."""
+    side = x2.new_empty((x2.shape[0], k))
+    if k == 0:
+        return side, torch.empty(0, dtype=torch.int64, device=x2.device)
+    score, _ = column_scores(weight, bias, out_dtype, x2.shape[1])
+    return side, torch.topk(score, k, sorted=False).indices
+
+
 def side_buffer(x2: torch.Tensor, weight, bias, out_dtype: torch.dtype, k: int, xhat_of) -> tuple[torch.Tensor,
                                                                                                    torch.Tensor]:
     """``(side [M, k] in x's dtype, idx [k] int64)``: ``xhat`` of the ``k`` worst-scored columns of the rows
     ``x2`` [M, N]; ``xhat_of(columns)`` turns those columns of ``x2`` into ``xhat`` (statistics dtype)."""
+    _, idx = side_columns_of(x2, weight, bias, out_dtype, k)
     if k == 0:
-        return x2.new_empty((x2.shape[0], 0)), torch.empty(0, dtype=torch.int64, device=x2.device)
-    score, _ = column_scores(weight, bias, out_dtype, x2.shape[1])
-    idx = torch.topk(score, k, sorted=False).indices
+        return x2.new_empty((x2.shape[0], 0)), idx
     return xhat_of(x2.index_select(1, idx)).to(x2.dtype), idx
 
 
@@ -231,18 +241,19 @@ def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.T
         if fits_kernel(x, n):
             from tempo_ds.kernels import layer_norm as kernel
 
-            y2, mean, rstd = kernel.norm_forward(
+            side, idx = side_columns_of(x2, weight, bias, x.dtype, k)
+            y2, mean, rstd = kernel.norm_forward(  # writes the side buffer itself
                 x2.contiguous(), None if weight is None else weight.reshape(n),
                 None if bias is None else bias.reshape(n), eps, rms=False, out_dtype=x.dtype,
-                store_mean=save != "none")
+                store_mean=save == "input", side=side, idx=idx)
             y = y2.view(x.shape)
         else:
             y, mean, rstd = _torch_forward(x, normalized_shape, weight, bias, eps)
             y = y.contiguous()
-        rstd = rstd.reshape(-1)
-        mean = mean.reshape(-1) if mean is not None else None
-        side, idx = side_buffer(x2, weight, bias, x.dtype, k,
-                                lambda cols: (cols.to(rstd.dtype) - mean[:, None]) * rstd[:, None])
+            rstd = rstd.reshape(-1)
+            mean = mean.reshape(-1)
+            side, idx = side_buffer(x2, weight, bias, x.dtype, k,
+                                    lambda cols: (cols.to(rstd.dtype) - mean[:, None]) * rstd[:, None])
         return y, (mean if save == "input" else rstd.new_empty(0)), rstd, side, idx
 
 
@@ -267,29 +278,32 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rs
     from_output = mean is None
     acc = rstd.dtype
     with _no_autocast(grad), gathered(weight, bias):
+        if fits_kernel(src, n):
+            from tempo_ds.kernels import layer_norm as kernel
+
+            slot = None
+            if from_output and idx.numel():  # the kernel patches the bad kept columns itself
+                slot = kernel.side_slots(idx, n, column_scores(weight, bias, src.dtype, n)[1].index_select(0, idx))
+            dx, dw, db = kernel.norm_backward(
+                grad.reshape(-1, n), src.reshape(-1, n).contiguous(), None if weight is None else weight.reshape(n),
+                None if bias is None else bias.reshape(n), mean, rstd, rms=False, from_output=from_output,
+                x_dtype=src.dtype, need_weight_grads=need_w or need_b, side=side, slot=slot)
+            return [dx.view(src.shape) if need_x else grad.new_empty(0),
+                    dw.view(shape).to(weight.dtype) if need_w else grad.new_empty(0),
+                    db.view(shape).to(bias.dtype) if need_b else grad.new_empty(0)]
         if from_output:
             xhat = rebuild_xhat(src.reshape(-1, n), None if weight is None else weight.reshape(n).to(acc),
                                 None if bias is None else bias.reshape(n).to(acc), acc)
             if idx.numel():
                 patch_xhat(xhat, side, idx, column_scores(weight, bias, src.dtype, n)[1])
-            # both backward kernels want an input; with mean 0 any x with x * rstd = xhat will do
+            # aten's backward wants an input; with mean 0 any x with x * rstd = xhat will do
             x2, mean = xhat.div_(rstd[:, None]), torch.zeros_like(rstd)
         else:
             x2 = src.reshape(-1, n)
-        if fits_kernel(src, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            dx, dw, db = kernel.norm_backward(
-                grad.reshape(-1, n), x2, None if weight is None else weight.reshape(n),
-                None if bias is None else bias.reshape(n), mean, rstd, rms=False, from_output=False,
-                x_dtype=src.dtype, need_weight_grads=need_w or need_b)
-            dw = None if dw is None else dw.view(shape)
-            db = None if db is None else db.view(shape)
-        else:
-            stat = _stat_shape(src, len(shape))
-            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                grad.to(acc), (x2.view(src.shape) if from_output else src).to(acc), shape, mean.view(stat), rstd.view(stat),
-                _as_acc(weight, acc), _as_acc(bias, acc), [need_x, need_w, need_b])
+        stat = _stat_shape(src, len(shape))
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            grad.to(acc), (x2.view(src.shape) if from_output else src).to(acc), shape, mean.view(stat), rstd.view(stat),
+            _as_acc(weight, acc), _as_acc(bias, acc), [need_x, need_w, need_b])
         return [dx.view(src.shape).to(src.dtype) if need_x else grad.new_empty(0),
                 dw.to(weight.dtype) if need_w else grad.new_empty(0),
                 db.to(bias.dtype) if need_b else grad.new_empty(0)]

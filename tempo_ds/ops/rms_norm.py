@@ -50,7 +50,7 @@ import torch
 from tempo_ds.ops._library import LIB
 from tempo_ds.ops._zero import gathered
 from tempo_ds.ops.layer_norm import (acc_dtype, column_scores, fits_kernel, patch_xhat, rebuild_xhat, side_buffer,
-                                     side_columns)
+                                     side_columns, side_columns_of)
 
 __all__ = ["inplace_rms_norm"]
 
@@ -73,20 +73,20 @@ def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: s
         if fits_kernel(x, n):
             from tempo_ds.kernels import layer_norm as kernel
 
+            side, idx = side_columns_of(x2, weight, None, out_dtype, k)
             y2, _, rstd = kernel.norm_forward(x2.contiguous(), weight, None, eps, rms=True, out_dtype=out_dtype,
-                                              cast_before_weight=casting == "llama")
-            y = y2.view(x.shape)
+                                              cast_before_weight=casting == "llama", side=side, idx=idx)
+            return y2.view(x.shape), rstd, side, idx  # the kernel wrote the side buffer
+        acc = acc_dtype(x.dtype)
+        xf = x.to(acc)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if casting == "llama":  # HuggingFace LlamaRMSNorm, operation for operation
+            xhat = (xf * rstd).to(x.dtype)
+            y = weight * xhat if weight is not None else xhat
         else:
-            acc = acc_dtype(x.dtype)
-            xf = x.to(acc)
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            if casting == "llama":  # HuggingFace LlamaRMSNorm, operation for operation
-                xhat = (xf * rstd).to(x.dtype)
-                y = weight * xhat if weight is not None else xhat
-            else:
-                y = xf * rstd
-                y = (y * weight.to(acc) if weight is not None else y).to(x.dtype)
-            y = y.contiguous()
+            y = xf * rstd
+            y = (y * weight.to(acc) if weight is not None else y).to(x.dtype)
+        y = y.contiguous()
         rstd = rstd.reshape(-1)
         side, idx = side_buffer(x2, weight, None, out_dtype, k, lambda cols: cols.to(rstd.dtype) * rstd[:, None])
         return y, rstd, side, idx
@@ -111,6 +111,17 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.
     n = src.shape[-1]
     acc = rstd.dtype
     with _no_autocast(grad), gathered(weight):
+        if fits_kernel(src, n):
+            from tempo_ds.kernels import layer_norm as kernel
+
+            slot = None
+            if from_output and idx.numel():  # the kernel patches the bad kept columns itself
+                slot = kernel.side_slots(idx, n, column_scores(weight, None, src.dtype, n)[1].index_select(0, idx))
+            dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), src.reshape(-1, n).contiguous(), weight, None, None,
+                                             rstd, rms=True, from_output=from_output, x_dtype=x_dtype,
+                                             need_weight_grads=need_w, side=side, slot=slot)
+            return [dx.view(src.shape) if need_x else grad.new_empty(0),
+                    dw.to(weight.dtype) if need_w else grad.new_empty(0)]
         w = None if weight is None else weight.to(acc)
         if from_output:
             xhat = rebuild_xhat(src.reshape(-1, n), w, None, acc)
@@ -118,26 +129,18 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.
                 patch_xhat(xhat, side, idx, column_scores(weight, None, src.dtype, n)[1])
         else:
             xhat = src.reshape(-1, n).to(acc) * rstd[:, None]
-        if fits_kernel(src, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            # the kernel's input path: xhat = src * rstd
-            dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), xhat.div_(rstd[:, None]), weight, None, None,
-                                             rstd, rms=True, from_output=False, x_dtype=x_dtype,
-                                             need_weight_grads=need_w)
-        else:
-            g = grad.reshape(-1, n).to(acc)
-            # summed over rows like autograd sums HF's broadcast product (aten's LayerNorm backward
-            # accumulates rows in a single float32 sum: 5x the error at 2048 rows)
-            dw = (g * xhat).sum(0) if need_w else None
-            dx = None
-            if need_x:
-                r = rstd[:, None]
-                # aten's backward wants the input; with mean 0 any x with x * rstd = xhat will do
-                dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-                    g, xhat.div_(r), (n,), torch.zeros_like(r), r, w, None, [True, False, False])
-                mean_gw = (g @ w if w is not None else g.sum(-1)).unsqueeze(-1).div_(n)
-                dx = torch.addcmul(dx, r, mean_gw)
+        g = grad.reshape(-1, n).to(acc)
+        # summed over rows like autograd sums HF's broadcast product (aten's LayerNorm backward
+        # accumulates rows in a single float32 sum: 5x the error at 2048 rows)
+        dw = (g * xhat).sum(0) if need_w else None
+        dx = None
+        if need_x:
+            r = rstd[:, None]
+            # aten's backward wants the input; with mean 0 any x with x * rstd = xhat will do
+            dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+                g, xhat.div_(r), (n,), torch.zeros_like(r), r, w, None, [True, False, False])
+            mean_gw = (g @ w if w is not None else g.sum(-1)).unsqueeze(-1).div_(n)
+            dx = torch.addcmul(dx, r, mean_gw)
         return [dx.view(src.shape).to(x_dtype) if need_x else grad.new_empty(0),
                 dw.to(weight.dtype) if need_w else grad.new_empty(0)]
 
