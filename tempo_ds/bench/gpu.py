@@ -7,19 +7,36 @@
 
 Before anything runs, triton and the kernel modules of ``tempo_ds.kernels`` must import.
 
-Phase 1, kernels: each tempo_ds op on its Triton kernel (``TEMPO_DS_TRITON=1``) and on its PyTorch path
-(``TEMPO_DS_TRITON=0``), and the plain PyTorch op it replaces, on the same inputs: the largest error of the
-output and of the gradients against a float64 reference, which kernel launchers of ``tempo_ds.kernels`` each
-path called, and the median forward+backward time (``passes`` passes queued between one pair of CUDA events,
-so one launch's latency is not what is timed; ``perf_counter`` on the CPU). An op that fails is a note in the
-report; the others still run.
+Phase 1, kernels (issues 13 and 14): each tempo_ds op on its Triton kernel (``TEMPO_DS_TRITON=1``) and on its
+PyTorch path (``TEMPO_DS_TRITON=0``), and the plain PyTorch op it replaces (for the gated MLP HF's
+``down(act(gate) * up)``, for ``linear_cross_entropy`` HF's logits + ``F.cross_entropy``), on the same inputs:
+the largest error of the output and of the gradients against a float64 reference, which kernel launchers of
+``tempo_ds.kernels`` each path called, and the median forward+backward time (``passes`` passes queued between
+one pair of CUDA events, so one launch's latency is not what is timed; ``perf_counter`` on the CPU). Lean
+attention's row runs our own kernel (the SDPA backends refused). Then: the gated MLP's kernel against its
+PyTorch path bit for bit (fp32/bf16/fp16 x SiLU/tanh-GELU x separate/fused gate_up); lean attention through
+its dispatch (SDPA flash / memory-efficient, ``plan_for``) vs our Triton kernel forced vs F.sdpa as HF calls
+it, with a padding mask, dropout, causality and GQA: backend taken, error vs float64, time; the kernels phase 1
+launched, with the registers, spills and shared memory the driver loaded; and ``tempo_ds.kernels.aot`` for the
+device's own arch (in the background during phases 2 and 3). An op that fails is a note; the others still run.
 
-Phase 2, models: BERT-Large and GPT-2 Large at s=512 in bf16 (fp32 master weights, AdamW), HF eager,
-HF sdpa and tempo_ds (defaults): peak memory and tokens/s at an equal micro-batch, the largest micro-batch
-within the memory budget (``tempo_ds.bench.max_batch.largest_micro_batch``: one process per trial, peak =
-``torch.cuda.max_memory_allocated``) and tokens/s at each run's largest micro-batch, with ratios to HF
-eager. The Tempo paper reports up to 2x the batch and +16% throughput on BERT-Large. Order: BERT-Large HF
-eager and tempo_ds, then GPT-2 Large's, then HF sdpa, so a short budget drops the least important runs.
+Phase 2, sync check (issue 14): one training step of BERT-Large (2 layers) and the Llama-3-shaped preset, HF
+sdpa and tempo_ds, under ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up step outside it:
+forward+backward and the optimizer step pass or fail (first synchronizing call and where it came from).
+
+Phase 3, compiled vs eager (issue 14): tempo_ds injected into a 2-layer Llama-3-shaped model, one
+forward+backward eager and under ``torch.compile(fullgraph=True)`` (Inductor): Dynamo graphs, graph breaks,
+compile time, tokens/s ratio, largest gradient difference.
+
+Phase 4, models: BERT-Large and GPT-2 Large at s=512 in bf16 (fp32 master weights, AdamW), HF eager,
+HF sdpa and tempo_ds (defaults); the Llama-3-shaped preset (``llama small``, vocabulary 128256), HF sdpa,
+tempo_ds and Liger-Kernel (``apply_liger_kernel_to_llama``, when liger_kernel imports; one trial at the equal
+micro-batch): peak memory and tokens/s at an equal micro-batch, the largest micro-batch within the memory
+budget (``tempo_ds.bench.max_batch.largest_micro_batch``: one process per trial, peak =
+``torch.cuda.max_memory_allocated``) and tokens/s at each run's largest micro-batch, with ratios to the
+model's baseline (HF eager; HF sdpa for Llama). The Tempo paper reports up to 2x the batch and +16%
+throughput on BERT-Large. Order: the baseline and tempo_ds of Llama, BERT-Large, GPT-2 Large, then Liger, then
+HF sdpa of BERT and GPT-2, so a short budget drops the least important runs.
 
 Every phase checks the clock: what would run past ``--budget_s`` is skipped with a note, a search that the
 deadline cuts short keeps the trials it finished, and both files are rewritten after every measurement, so a
@@ -45,7 +62,8 @@ from pathlib import Path
 from typing import Callable
 
 GIB = 2**30
-KERNEL_SHARE = 0.25        # of --budget_s, at most, for phase 1
+KERNEL_SHARE = 0.3         # of --budget_s, at most, for phase 1 (the op table alone: OP_TABLE_SHARE)
+OP_TABLE_SHARE = 0.2       # of --budget_s, at most, for phase 1's op table; the gated MLP and attention checks follow
 TRIAL_ESTIMATE_S = 20      # wall time of one CUDA trial until one is measured: new interpreter, imports, model, steps
 SEARCH_RESERVE_TRIALS = 5  # a largest-batch search is not started with less than this many trials' time left
 
@@ -55,8 +73,8 @@ SEARCH_RESERVE_TRIALS = 5  # a largest-batch search is not started with less tha
 GPU = {"kernel_dtype": "bf16", "rows": 16384, "hidden": 1024, "inter": 4096, "attn": (16, 16, 512, 64),
        "lce": (4096, 128256), "mlp_check": (4096, 512, 1536), "gqa": 4, "gated_dtypes": ("fp32", "bf16", "fp16"),
        "warmup": 2, "reps": 20, "passes": 10,
-       "models": [("BERT-Large", "bert", "large", ("HF eager", "tempo_ds", "HF sdpa")),
-                  ("Llama-3 small (V=128256)", "llama", "small", ("HF sdpa", "tempo_ds", "Liger")),
+       "models": [("Llama-3 small (V=128256)", "llama", "small", ("HF sdpa", "tempo_ds", "Liger")),
+                  ("BERT-Large", "bert", "large", ("HF eager", "tempo_ds", "HF sdpa")),
                   ("GPT-2 Large", "gpt2", "large", ("HF eager", "tempo_ds", "HF sdpa"))],
        "sync_models": [("BERT-Large, 2 layers", "bert", "large", 2), ("Llama-3 small", "llama", "small", None)],
        "sync_batch": 4, "compile_model": ("Llama-3 small, 2 layers", "llama", "small", 2), "compile_seq": 512,
@@ -65,8 +83,8 @@ GPU = {"kernel_dtype": "bf16", "rows": 16384, "hidden": 1024, "inter": 4096, "at
 SMOKE = {"kernel_dtype": "fp16", "rows": 32, "hidden": 128, "inter": 256, "attn": (1, 2, 64, 32),
          "lce": (32, 512), "mlp_check": (16, 32, 48), "gqa": 2, "gated_dtypes": ("fp32", "fp16"),
          "warmup": 0, "reps": 1, "passes": 1,
-         "models": [("BERT tiny", "bert", "tiny", ("HF eager", "tempo_ds", "HF sdpa")),
-                    ("Llama tiny", "llama", "tiny", ("HF sdpa", "tempo_ds", "Liger")),
+         "models": [("Llama tiny", "llama", "tiny", ("HF sdpa", "tempo_ds", "Liger")),
+                    ("BERT tiny", "bert", "tiny", ("HF eager", "tempo_ds", "HF sdpa")),
                     ("GPT-2 tiny", "gpt2", "tiny", ("HF eager", "tempo_ds", "HF sdpa"))],
          "sync_models": [], "sync_batch": 1, "compile_model": ("Llama tiny, 1 layer", "llama", "tiny", 1),
          "compile_seq": 16, "compile_batch": 1, "compile_steps": 1,
@@ -100,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--margin_gb", type=float, default=4.0,
                    help="GiB of the card left out of the default budget: CUDA contexts (this process keeps "
                         "its own), fragmentation (default 4)")
+    p.add_argument("--aot", choices=("ci", "full", "off"), default="ci",
+                   help="the ahead-of-time compile check for the device's arch: the CI subset (default), the "
+                        "full matrix (minutes), or off")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU allowed: checks the script in < 60 s")
     return p.parse_args(argv)
 
@@ -598,7 +619,36 @@ def attention_dispatch(cfg: dict, dtype, device, seed: int, deadline: float, not
 # ------------------------------------------------------------------------------------------------
 # Phase 1, continued: the ahead-of-time compile check for this device's architecture
 # ------------------------------------------------------------------------------------------------
-def aot_start(device, jobs: int | None = None):
+def launched_kernels() -> list[dict]:
+    """Every Triton kernel of ``tempo_ds.kernels`` that this process compiled and launched (phase 1), read from
+    Triton's in-memory cache: kernel, warps, stages, shared memory, registers and spills per thread, as the
+    device's driver loaded it: the resource figures of real launches beside the AOT compile's."""
+    from triton.runtime.jit import JITFunction
+
+    rows = []
+    for name in KERNEL_ENTRY_POINTS:
+        module = importlib.import_module(f"tempo_ds.kernels.{name}")
+        for attr, obj in sorted(vars(module).items()):
+            fn = obj if isinstance(obj, JITFunction) else getattr(obj, "fn", None)  # an Autotuner wraps one
+            if not isinstance(fn, JITFunction):
+                continue
+            for device, cache in getattr(fn, "device_caches", {}).items():
+                entries = cache if isinstance(cache, tuple) else (cache,)
+                for table in (e for e in entries if isinstance(e, dict)):  # Triton's layout of this tuple varies
+                    for compiled in table.values():
+                        meta = getattr(compiled, "metadata", None)
+                        if meta is None:
+                            continue
+                        rows.append({"module": name, "kernel": attr, "device": str(device),
+                                     "num_warps": getattr(meta, "num_warps", None),
+                                     "num_stages": getattr(meta, "num_stages", None),
+                                     "shared": getattr(meta, "shared", None),
+                                     "regs": getattr(compiled, "n_regs", None),
+                                     "spills": getattr(compiled, "n_spills", None)})
+    return rows
+
+
+def aot_start(device, matrix: str = "ci", jobs: int | None = None):
     """Start ``tempo_ds.kernels.aot`` (the CI subset of every kernel module's ``aot_specializations``) for the
     device's own architecture in a background process, with ``TRITON_INTERPRET`` unset; on the CPU (smoke) only
     the gated MLP's, for sm_90. Returns ``(process or None, result dict)``; :func:`aot_finish` collects it. It
@@ -622,9 +672,12 @@ def aot_start(device, jobs: int | None = None):
     cmd = [sys.executable, "-m", "tempo_ds.kernels.aot", "--json", "-", "--arch", str(arch), "--jobs", str(jobs)]
     if only:
         cmd += ["--only", ",".join(only)]
+    if matrix == "full":
+        cmd.append("--full")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, {"status": "running", "arch": arch, "only": list(only) if only else None, "jobs": jobs,
+    return proc, {"status": "running", "arch": arch, "matrix": matrix, "only": list(only) if only else None,
+                  "jobs": jobs,
                   "started": time.monotonic()}
 
 
@@ -680,14 +733,19 @@ def _training_setup(arch: str, size: str, layers: int | None, seq: int, batch: i
 
 
 def _offending_frame(e: BaseException) -> str | None:
-    """``file:line in function`` of the innermost frame of tempo_ds (else transformers, else any) that raised."""
-    frames = traceback.extract_tb(e.__traceback__)
-    for key in ("tempo_ds", "transformers", ""):
-        hits = [f for f in frames if key in f.filename]
-        if hits:
-            f = hits[-1]
-            return f"{f.filename.split('site-packages/')[-1]}:{f.lineno} in {f.name}: {f.line}"
-    return None
+    """Where a synchronizing call came from: ``file:line in function: source`` of the innermost frame outside
+    torch, and of the innermost tempo_ds frame when that is another one."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+
+    def show(f):
+        return f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno} in {f.name}: {f.line}"
+    if not frames:
+        return None
+    ours = [f for f in frames if "tempo_ds" in f.filename]
+    text = show(frames[-1])
+    if ours and ours[-1] is not frames[-1]:
+        text += f" (innermost tempo_ds frame: {show(ours[-1])})"
+    return text
 
 
 def sync_phase(cfg: dict, device, deadline: float, rows: list, result: dict, save: Callable) -> None:
@@ -835,7 +893,8 @@ def model_phase(cfg: dict, dtype: str, budget_bytes: int, device, deadline: floa
     from tempo_ds.bench.max_batch import largest_micro_batch
 
     order = [(m, v) for m in cfg["models"] for v in m[3][:RUN_FIRST]]
-    order += [(m, v) for m in cfg["models"] for v in m[3][RUN_FIRST:]]
+    rest = [(m, v) for m in cfg["models"] for v in m[3][RUN_FIRST:]]
+    order += sorted(rest, key=lambda mv: mv[1] != "Liger")  # one trial: before the remaining searches
     walls: list[float] = []
     for (label, arch, size, _), variant in order:
         attn, tempo = VARIANTS[variant]
@@ -1036,7 +1095,7 @@ def markdown(doc: dict) -> str:
                      f"{_fmt(r['torch_grad_err'])} | {_fmt(r['triton_ms'], '.3f')} | {_fmt(r['pytorch_ms'], '.3f')} | "
                      f"{_fmt(r['torch_ms'], '.3f')} | {_fmt(speed, '.2f')} | {_kernels(r['triton_kernels'])} |")
     lines += _gated_lines(k["gated_mlp_bitwise"], sizes) + _attention_lines(k["attention"], k) \
-        + _aot_lines(doc["aot"]) + _sync_lines(doc["sync"]) + _compile_lines(doc["compile"])
+        + _aot_lines(doc["aot"], k["launched"]) + _sync_lines(doc["sync"]) + _compile_lines(doc["compile"])
     lines += ["", f"## Models (s={m['seq']}, {m['dtype']} autocast, fp32 master weights, AdamW)", "",
               f"Vocabulary {m['vocab']} (the embedded corpus' tokenizer, not the original models' own, so the "
               "parameter counts are below theirs). "
@@ -1112,14 +1171,22 @@ def _attention_lines(rows: list[dict], k: dict) -> list[str]:
     return lines
 
 
-def _aot_lines(aot: dict) -> list[str]:
-    lines = ["", "### Ahead-of-time compile (`tempo_ds.kernels.aot`, CI subset) for this device's arch", "",
-             f"Status: {aot['status']}."]
+def _aot_lines(aot: dict, launched: dict) -> list[str]:
+    lines = ["", "### Ahead-of-time compile (`tempo_ds.kernels.aot`) for this device's arch, and the kernels "
+             "launched", "", f"AOT status: {aot['status']}."]
     if aot["status"] == "ran":
         scope = f" (modules: {', '.join(aot['only'])})" if aot.get("only") else ""
-        lines += [f"sm_{aot['arch']}{scope}: {aot['specializations']} specializations, {len(aot['failures'])} "
-                  f"failures, {aot['seconds']:.0f} s.", "", aot["summary"]]
+        lines += [f"sm_{aot['arch']}{scope}, {aot.get('matrix', 'ci')} matrix: {aot['specializations']} "
+                  f"specializations, {len(aot['failures'])} failures, {aot['seconds']:.0f} s.", "", aot["summary"]]
         lines += [f"- failed: {f['name']}: {f['error'] or 'exceeds shared memory'}" for f in aot["failures"]]
+    lines += ["", f"Kernels this run launched on the device in phase 1 (Triton's cache, as the driver loaded them): "
+              f"{launched['status']}."]
+    if launched["rows"]:
+        lines += ["", "| module | kernel | warps | stages | shared KB | regs | spills |", "|---|---|---|---|---|---|---|"]
+        for r in launched["rows"]:
+            shared = "-" if r["shared"] is None else f"{r['shared'] / 1024:.1f}"
+            lines.append(f"| {r['module']} | {r['kernel']} | {_fmt(r['num_warps'], '')} | {_fmt(r['num_stages'], '')} "
+                         f"| {shared} | {_fmt(r['regs'], '')} | {_fmt(r['spills'], '')} |")
     return lines
 
 
@@ -1224,7 +1291,8 @@ def main(argv=None) -> int:
            "elapsed_s": 0.0, "notes": notes,
            "kernels": {"dtype": cfg["kernel_dtype"], "passes": cfg["passes"], "rows": [],
                        "sizes": {k: cfg[k] for k in ("rows", "hidden", "inter", "attn", "lce", "mlp_check", "gqa")},
-                       "gated_mlp_bitwise": {"status": "not run", "rows": []}, "attention": []},
+                       "gated_mlp_bitwise": {"status": "not run", "rows": []}, "attention": [],
+                       "launched": {"status": "not run", "rows": []}},
            "aot": {"status": "not run"}, "sync": {"status": "not run", "rows": []}, "compile": {"status": "not run"},
            "models": {"seq": cfg["seq"], "dtype": "bf16", "vocab": len(tok), "equal_batch": cfg["equal_batch"],
                       "method": "measured" if cuda else "derived", "budget_bytes": budget,
@@ -1237,7 +1305,7 @@ def main(argv=None) -> int:
 
     kernel_deadline = min(deadline, started + KERNEL_SHARE * args.budget_s)
     kernel_phase(kernel_cases(cfg, DTYPES[cfg["kernel_dtype"]], device, seed=0), cfg, device,
-                 kernel_deadline, notes, doc["kernels"]["rows"], save)
+                 min(kernel_deadline, started + OP_TABLE_SHARE * args.budget_s), notes, doc["kernels"]["rows"], save)
     bitwise = doc["kernels"]["gated_mlp_bitwise"]
     if time.monotonic() > kernel_deadline:
         bitwise["status"] = "skipped: the kernel phase's share of --budget_s was spent"
@@ -1251,14 +1319,27 @@ def main(argv=None) -> int:
         save()
     attention_dispatch(cfg, DTYPES[cfg["kernel_dtype"]], device, 0, kernel_deadline, notes,
                        doc["kernels"]["attention"], save)
+    launched = doc["kernels"]["launched"]
+    if cuda:
+        try:
+            launched["rows"] = launched_kernels()
+            launched["status"] = "ran"
+        except Exception as e:
+            launched["status"] = f"failed: {_brief(e)}"
+    else:
+        launched["status"] = "skipped: needs CUDA (the interpreter compiles nothing)"
     if cuda:
         try:
             torch.cuda.empty_cache()  # the inputs of phase 1 are gone; the trials of phase 4 run in other processes
         except RuntimeError as e:  # a kernel that faulted leaves this process's CUDA context unusable
             notes.append(f"kernels: torch.cuda.empty_cache() failed after phase 1 ({_brief(e)})")
-    aot_proc, doc["aot"] = aot_start(device) if time.monotonic() < deadline else (
-        None, {"status": "skipped: --budget_s was spent"})
-    aot_deadline = min(deadline, time.monotonic() + AOT_TIMEOUT_S)
+    if args.aot == "off":
+        aot_proc, doc["aot"] = None, {"status": "skipped: --aot off"}
+    elif time.monotonic() >= deadline:
+        aot_proc, doc["aot"] = None, {"status": "skipped: --budget_s was spent"}
+    else:
+        aot_proc, doc["aot"] = aot_start(device, args.aot)
+    aot_deadline = deadline if args.aot == "full" else min(deadline, time.monotonic() + AOT_TIMEOUT_S)
     phase_deadline = min(deadline, time.monotonic() + SYNC_SHARE * args.budget_s)
     try:
         sync_phase(cfg, device, phase_deadline, doc["sync"]["rows"], doc["sync"], save)
