@@ -166,6 +166,7 @@ def test_gated_mlp_bitwise_attention_aot_sync_compile(smoke):
     assert doc["sync"] == {"status": "skipped: needs CUDA", "rows": []}
     c = doc["compile"]
     assert c["status"] == "ran" and c["backend"] == "aot_eager" and c["graphs"] == 1 and c["graph_breaks"] == 0, c
+    assert c["graphs_after_timing"] == 1 and c["grads_missing"] == 0
     assert c["max_grad_diff"] <= 1e-6 * c["max_abs_grad"] and c["eager_tokens_per_s"] > 0 < c["compiled_tokens_per_s"]
     for heading in ["### Gated MLP", "### Attention", "### Ahead-of-time", "## Sync check", "## torch.compile"]:
         assert heading in md
@@ -191,6 +192,39 @@ def test_report_of_a_stopped_search_and_allocator_retries(smoke):
     assert (f"| BERT tiny | tempo_ds | HF eager | - | {q['equal_tokens_per_s']:.2f}x | - | "
             f"{q['equal_peak_bytes']:.2f}x |") in md
     assert f"| {retried['equal_peak_bytes'] / 2**30:.3g}* |" in md and "-x" not in md
+
+
+def test_report_of_the_cuda_only_sections(smoke):
+    """What only a CUDA run fills in (sync rows, kernels launched, an AOT failure, a Liger row measured at the
+    equal batch only) renders: a report that raised would lose the whole run's figures."""
+    gpu = load_script()
+    doc = copy.deepcopy(smoke[1])
+    doc["sync"] = {"status": "ran", "rows": [
+        {"model": "Llama-3 small", "variant": "HF sdpa", "status": "ran", "forward_backward": "passed",
+         "optimizer_step": "passed"},
+        {"model": "Llama-3 small", "variant": "tempo_ds", "status": "ran", "forward_backward": "failed",
+         "forward_backward_error": "RuntimeError: called a synchronizing CUDA operation",
+         "forward_backward_where": "tempo_ds/ops/x.py:1 in f: y.item()", "optimizer_step": "passed"},
+        {"model": "BERT-Large, 2 layers", "variant": "HF sdpa", "status": "skipped: its share of --budget_s was spent"}]}
+    doc["kernels"]["launched"] = {"status": "ran", "rows": [
+        {"module": "gated_mlp", "kernel": "gated_forward_kernel", "device": "0", "specialization": "k",
+         "num_warps": 4, "num_stages": 3, "shared": 0, "regs": 40, "spills": 0}]}
+    doc["aot"]["failures"] = [{"name": "attention.fwd[fp32,d128]", "error": None, "shared": 250000, "limit": 232448}]
+    llama = next(r for r in doc["models"]["rows"] if r["model"] == "Llama tiny")
+    liger = dict(llama, variant="Liger", searched=False, largest_batch=None, largest_peak_bytes=None,
+                 largest_tokens_per_s=None, trials=llama["trials"][:1])
+    doc["models"]["rows"].append(liger)
+    doc["models"]["ratios"] = gpu.ratios(doc["models"]["rows"])
+    q = next(r for r in doc["models"]["ratios"] if r["variant"] == "Liger")
+    assert q["largest_batch"] is None and q["equal_peak_bytes"] == pytest.approx(1.0)
+    md = gpu.markdown(doc)
+    assert "| Llama-3 small | HF sdpa | passed | passed | - |" in md
+    assert ("| Llama-3 small | tempo_ds | failed | passed | RuntimeError: called a synchronizing CUDA operation at "
+            "tempo_ds/ops/x.py:1 in f: y.item() |") in md
+    assert "| BERT-Large, 2 layers | HF sdpa | skipped: its share of --budget_s was spent | - | - |" in md
+    assert "| gated_mlp | gated_forward_kernel | 4 | 3 | 0.0 | 40 | 0 |" in md
+    assert "- failed: attention.fwd[fp32,d128]: exceeds shared memory" in md
+    assert "| Llama tiny | 2.5M | Liger |" in md and "- (equal batch only)" in md
 
 
 def test_a_failing_op_is_a_note_and_the_others_still_run(tmp_path):

@@ -634,12 +634,15 @@ def launched_kernels() -> list[dict]:
                 continue
             for device, cache in getattr(fn, "device_caches", {}).items():
                 entries = cache if isinstance(cache, tuple) else (cache,)
+                seen = set()
                 for table in (e for e in entries if isinstance(e, dict)):  # Triton's layout of this tuple varies
-                    for compiled in table.values():
+                    for key, compiled in table.items():
                         meta = getattr(compiled, "metadata", None)
-                        if meta is None:
+                        if meta is None or id(compiled) in seen:
                             continue
+                        seen.add(id(compiled))
                         rows.append({"module": name, "kernel": attr, "device": str(device),
+                                     "specialization": str(key)[:300],
                                      "num_warps": getattr(meta, "num_warps", None),
                                      "num_stages": getattr(meta, "num_stages", None),
                                      "shared": getattr(meta, "shared", None),
@@ -791,8 +794,9 @@ def sync_phase(cfg: dict, device, deadline: float, rows: list, result: dict, sav
                     finally:
                         torch.cuda.set_sync_debug_mode(0)
                     torch.cuda.synchronize(device)
-                    if row[part] == "failed":
-                        opt.zero_grad(set_to_none=True)
+                    if part == "forward_backward" and row[part] == "failed":
+                        opt.zero_grad(set_to_none=True)  # the optimizer step is checked on a full set of
+                        forward_backward()               # gradients, computed outside the debug mode
                 row["status"] = "ran"
                 del model, opt, inputs
             except Exception as e:
@@ -856,8 +860,10 @@ def compile_phase(cfg: dict, device, deadline: float, result: dict, save: Callab
         result["status"] = f"failed: {_brief(e)}"
         _log(traceback.format_exc())
         return
-    diffs = [(a - b).abs().max().item() for a, b in zip(eager_grads, compiled_grads) if a is not None]
-    result["max_abs_grad"] = max(a.abs().max().item() for a in eager_grads if a is not None)
+    pairs = [(a, b) for a, b in zip(eager_grads, compiled_grads) if a is not None or b is not None]
+    result["grads_missing"] = sum(1 for a, b in pairs if a is None or b is None)  # one side has no gradient
+    diffs = [(a.float() - b.float()).abs().max().item() for a, b in pairs if a is not None and b is not None]
+    result["max_abs_grad"] = max(a.abs().max().item() for a, _ in pairs if a is not None)
     result["max_grad_diff"] = max(diffs)
     result["graphs"] = len(graphs)
     result["graph_nodes"] = graphs
@@ -871,6 +877,7 @@ def compile_phase(cfg: dict, device, deadline: float, result: dict, save: Callab
             step(m, keep=False)
             sync()
             times[name].append(time.perf_counter() - start)
+    result["graphs_after_timing"] = len(graphs)  # more than ``graphs``: the timed steps recompiled
     for name in times:
         result[f"{name}_tokens_per_s"] = batch * seq / statistics.median(times[name])
     result["compiled_over_eager"] = result["compiled_tokens_per_s"] / result["eager_tokens_per_s"]
@@ -1209,7 +1216,9 @@ def _compile_lines(c: dict) -> list[str]:
     lines = ["", "## torch.compile(fullgraph=True) vs eager, tempo_ds injected", "", f"Status: {c['status']}."]
     if c["status"] == "ran":
         lines += [f"{c['model']}, seq {c['seq']}, batch {c['batch']}, backend {c['backend']}: "
-                  f"{c['graphs']} Dynamo graph(s), {c['graph_breaks']} graph break(s), first compiled step "
+                  f"{c['graphs']} Dynamo graph(s) ({c['graphs_after_timing']} after the timed steps), "
+                  f"{c['graph_breaks']} graph break(s), {c['grads_missing']} gradient(s) missing on one side, "
+                  "first compiled step "
                   f"{c['compile_s']:.1f} s; forward+backward tokens/s eager {c['eager_tokens_per_s']:,.0f}, "
                   f"compiled {c['compiled_tokens_per_s']:,.0f} ({c['compiled_over_eager']:.2f}x); "
                   f"max |grad compiled - grad eager| {c['max_grad_diff']:.3g} (max |grad| {c['max_abs_grad']:.3g})."]
