@@ -1,7 +1,8 @@
-"""tempo-ds bench-gpu (tempo_ds.bench.gpu) in --smoke mode (tiny sizes, the kernels under Triton's interpreter, derived memory): it runs,
-writes gpu.json and gpu.md with every row and field, its figures agree with each other and the Triton path
-really ran the kernels; plus its error paths (a failing op, a broken install) and the report of a search cut
-short."""
+"""tempo-ds bench-gpu (tempo_ds.bench.gpu) in --smoke mode (tiny sizes, the kernels under Triton's interpreter,
+derived memory): it runs, writes gpu.json and gpu.md with every row and field, its figures agree with each other
+and the Triton path really ran the kernels; the gated-MLP bitwise check, the attention dispatch table, the AOT
+check (gated MLP, sm_90) and the compile phase (aot_eager) run; the CUDA-only phases say so. Plus its error paths
+(a failing op, a broken install), the report of a search cut short and of the sections only CUDA fills."""
 import copy
 import dataclasses
 import importlib
@@ -106,7 +107,8 @@ def test_model_rows_and_ratios(smoke):
         ("Llama tiny", "HF sdpa"), ("Llama tiny", "tempo_ds"), ("BERT tiny", "HF eager"), ("BERT tiny", "tempo_ds"),
         ("GPT-2 tiny", "HF eager"), ("GPT-2 tiny", "tempo_ds"), ("BERT tiny", "HF sdpa"), ("GPT-2 tiny", "HF sdpa")]
     assert models["skipped"] == [{"model": "Llama tiny", "variant": "Liger",
-                                  "reason": "skipped: needs CUDA (Liger-Kernel's Triton kernels do not run on the CPU)"}]
+                                  "reason": "skipped: needs CUDA (Liger-Kernel's Triton kernels do not run on "
+                                            "the CPU)"}]
     assert "- Llama tiny Liger: skipped: needs CUDA" in md
     budget = models["budget_bytes"]
     for (model, variant), r in rows.items():
@@ -205,7 +207,8 @@ def test_report_of_the_cuda_only_sections(smoke):
         {"model": "Llama-3 small", "variant": "tempo_ds", "status": "ran", "forward_backward": "failed",
          "forward_backward_error": "RuntimeError: called a synchronizing CUDA operation",
          "forward_backward_where": "tempo_ds/ops/x.py:1 in f: y.item()", "optimizer_step": "passed"},
-        {"model": "BERT-Large, 2 layers", "variant": "HF sdpa", "status": "skipped: its share of --budget_s was spent"}]}
+        {"model": "BERT-Large, 2 layers", "variant": "HF sdpa",
+         "status": "skipped: its share of --budget_s was spent"}]}
     doc["kernels"]["launched"] = {"status": "ran", "rows": [
         {"module": "gated_mlp", "kernel": "gated_forward_kernel", "device": "0", "specialization": "k",
          "num_warps": 4, "num_stages": 3, "shared": 0, "regs": 40, "spills": 0}]}

@@ -1189,7 +1189,8 @@ def _aot_lines(aot: dict, launched: dict) -> list[str]:
     lines += ["", f"Kernels this run launched on the device in phase 1 (Triton's cache, as the driver loaded them): "
               f"{launched['status']}."]
     if launched["rows"]:
-        lines += ["", "| module | kernel | warps | stages | shared KB | regs | spills |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| module | kernel | warps | stages | shared KB | regs | spills |",
+                  "|---|---|---|---|---|---|---|"]
         for r in launched["rows"]:
             shared = "-" if r["shared"] is None else f"{r['shared'] / 1024:.1f}"
             lines.append(f"| {r['module']} | {r['kernel']} | {_fmt(r['num_warps'], '')} | {_fmt(r['num_stages'], '')} "
