@@ -69,7 +69,10 @@ Cost: ``M*K`` elements of ``x``'s dtype plus ``8*K`` bytes per call, about ``N/6
 (``2*K`` bytes per row in 16 bits: 32 bytes at ``N = 1024``, 128 at 4096 -- 1.6% of ``y``; ``K = 8``
 below ``N = 512``); the statistics of the old fallback (``x`` and the mean, ``M*N`` elements) are never
 kept. Forward adds a ``topk`` over ``N`` and a gather of ``M*K`` elements; backward a ``where`` over
-``M*K``. Bytes kept for backward, for ``M`` rows: ``M*N*e + M*4 + M*K*e + 8*K`` (``e`` = x's element
+``M*K``. On the Triton path (``tempo_ds.kernels.layer_norm``) the forward kernel writes ``side`` itself
+(the ``K`` columns re-read from cache) and the backward kernel reads ``y`` and patches the bad kept columns
+from ``side`` per row (an int16 slot per column, computed on the device from ``idx`` and the rule), so no
+``[M, N]`` temporary besides ``dx`` exists in either direction. Bytes kept for backward, for ``M`` rows: ``M*N*e + M*4 + M*K*e + 8*K`` (``e`` = x's element
 size), of which the ``M*N*e`` part is shared with the Linear that follows.
 
 Accuracy. Within the rule the one error this op adds is the rebuilt ``xhat``'s, at most about one unit

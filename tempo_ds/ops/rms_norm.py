@@ -33,7 +33,9 @@ rounded ``y`` errs by up to about one more unit roundoff of ``|dw|``: 1.45x PyTo
 here, up to 3x on small shapes (13 x 37); dx stays within 1.5x. Float64 input is computed in float64
 (HF's module computes in float32 even then).
 
-On the PyTorch path the backward runs aten's fused LayerNorm backward with mean 0 and adds back the
+On the Triton path the kernels write and patch the side buffer themselves (``tempo_ds.kernels.layer_norm``);
+the backward starts from ``y`` with no ``[M, N]`` temporary besides ``dx``. On the PyTorch path the backward
+runs aten's fused LayerNorm backward with mean 0 and adds back the
 ``rstd * mean(gw)`` term that LayerNorm subtracts (RMSNorm has no mean to differentiate), because CPU
 PyTorch has no RMSNorm backward kernel.
 
