@@ -136,8 +136,8 @@ def test_variants_and_their_gpu_trial_spec():
                         "tempo": v.tempo}
     assert VARIANTS["sdpa"].attn == "sdpa" and VARIANTS["sdpa"].tempo is None
     assert VARIANTS["all"].tempo == TempoConfig().model_dump()
-    assert VARIANTS["attention=lean"].tempo == TempoConfig(gelu="off", norm="off", dropout="off",
-                                                           attention="lean").model_dump()
+    assert VARIANTS["attention=lean"].tempo == TempoConfig(gelu="off", mlp="off", norm="off", dropout="off",
+                                                           lm_loss="off", attention="lean").model_dump()
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])  # masked, tied causal, untied causal

@@ -278,7 +278,7 @@ def test_sample_batch_feeds_hf_models(trained):
         assert torch.isfinite(model(**batch).loss)
     assert "token_type_ids" in sample_batch("roberta", tok, 16, 2)
     assert "token_type_ids" not in sample_batch("llama", tok, 16, 2)
-    with pytest.raises(ValueError, match="allowed: bert, gpt2, llama, roberta"):
+    with pytest.raises(ValueError, match="allowed: bert, gemma, gpt2, llama, mixtral, qwen3, roberta"):
         sample_batch("t5", tok, 16, 2)
 
 
