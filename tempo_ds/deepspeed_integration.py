@@ -33,7 +33,7 @@ them from seeds drawn from the global RNG) then differ after a resume. :func:`sa
 :func:`load_checkpoint` wrap the engine's methods and keep each rank's RNG states beside the checkpoint (as the
 HF Trainer does), so a resumed run continues exactly as the uninterrupted one.
 
-``python -m tempo_ds.bench_deepspeed`` measures saved bytes per layer and step time with and without
+``tempo-ds bench-deepspeed`` measures saved bytes per layer and step time with and without
 tempo_ds on 2 ranks (it starts the DeepSpeed launcher itself).
 """
 from __future__ import annotations
