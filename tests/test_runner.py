@@ -55,11 +55,6 @@ import noedit_trainer  # noqa: E402
 STEPS = 3
 TIMEOUT = 300
 TRAINER_SECTION = {"gelu": "recompute", "norm": "inplace", "attention": "lean", "dropout": "seed"}
-# lm_loss off under ZeRO-3, so that the engine is metered: with any saved-tensor hooks active (the meter's), the
-# chunked LM loss's backward gets its saved weight back as a plain tensor without ds_status, cannot gather it, and
-# fails ("invalid gradient at index 1 - got [0]"), so the summary leaves such an engine unmetered. Training without
-# the meter works. Reported to the lm_loss owner; drop this once fixed.
-ZERO3_EXTRA = {"lm_loss": "off"}
 DIRECT_SECTION = {"gelu": "recompute", "attention": "tempo"}
 ACCELERATE_SECTION = {"silu": "fewbit"}
 
@@ -74,7 +69,7 @@ def _trainer_config(stage: int, extra: dict) -> dict:
 
 CONFIGS = {
     "ds_zero2.json": _trainer_config(2, {}),
-    "ds_zero3.json": _trainer_config(3, ZERO3_EXTRA),
+    "ds_zero3.json": _trainer_config(3, {}),
     "ds_direct.json": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
                        "zero_optimization": {"stage": 1}, "tempo": DIRECT_SECTION},
@@ -186,7 +181,7 @@ def _check_engine(entry: dict, stage: int, techniques: dict, expected: tuple[lis
     assert entry["zero_stage"] == stage
     assert {k: entry["techniques"][k] for k in techniques} == techniques
     assert sum(entry["replaced"].values()) >= 5
-    assert entry["per_layer_bytes"] == ours and entry["not_metered"] is None
+    assert entry["per_layer_bytes"] == ours
     assert all(o < p for o, p in zip(ours, plain))
     assert entry["forwards"] == STEPS and entry["step_s"] > 0
 
@@ -195,7 +190,7 @@ def _check_engine(entry: dict, stage: int, techniques: dict, expected: tuple[lis
 @pytest.mark.parametrize("stage", [2, 3])
 def test_hf_trainer_script_is_injected_and_trains_like_tempo_ds_inject(suite, reference, stage):
     run, summaries = suite
-    tempo = {**TRAINER_SECTION, **(ZERO3_EXTRA if stage == 3 else {})}
+    tempo = TRAINER_SECTION
     expected = _figures(lambda: noedit_trainer.build(noedit_trainer.ModelArguments()), tempo, torch.bfloat16)
     for r, summary in enumerate(summaries):
         _check_engine(summary["engines"][stage - 2], stage, TRAINER_SECTION, expected)
@@ -398,27 +393,6 @@ def test_add_config_arguments_hook_adds_the_tempo_options_without_clashing():
     assert add(own).parse_args(["--tempo"]).tempo
 
 
-def test_summary_does_not_meter_a_zero3_engine_with_the_chunked_lm_loss():
-    """Under the meter's saved-tensor hooks that op's backward fails on ZeRO-3 (reproduced with a real engine);
-    the summary leaves such an engine unmetered instead of breaking the run."""
-    from tempo_ds.run import summary
-
-    class Engine:  # the one method the check reads
-        def __init__(self, stage):
-            self.stage = stage
-
-        def zero_optimization_stage(self):
-            return self.stage
-
-    chunked = tempo_ds.inject(_model(), {})
-    assert chunked.config.lm_loss == "chunked"
-    assert "ZeRO-3 with lm_loss=chunked" in summary._unmeterable(Engine(3), chunked)
-    assert summary._unmeterable(Engine(2), chunked) is None
-    assert summary._unmeterable(Engine(3), tempo_ds.inject(_model(), {"lm_loss": "off"})) is None
-    assert summary._unmeterable(Engine(3), None) is None
-
-
-# -- not active: the warning ----------------------------------------------------------------------------------
 def _ds_initialize():
     real = deepspeed.initialize
     return getattr(real, "__wrapped__", real)

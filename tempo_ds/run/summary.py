@@ -7,9 +7,7 @@ layer and in total) and the step time: the median interval between the starts of
 over the first 1000 (the first interval, which holds the metered forward and the warm-up, left out), i.e. one
 optimizer step when gradient accumulation is 1. Nothing is recorded or timed when the variable is unset.
 
-A ZeRO-3 engine with ``lm_loss=chunked`` is not metered (``not_metered`` says why): under saved-tensor hooks that
-op's backward gets its saved weight back without ZeRO-3's ``ds_status`` and cannot gather it. The file is
-rewritten after each of the first 100 training forwards, then every 100th (a script may end without interpreter
+The file is rewritten after each of the first 100 training forwards, then every 100th (a script may end without interpreter
 teardown).
 """
 from __future__ import annotations
@@ -59,7 +57,7 @@ def record(engine: Any, model: Any, report: Any, how: str) -> None:
 
     entry: dict = {"engine": len(_ENGINES), "injected": report is not None and bool(report.replaced), "how": how,
                    "model": type(model).__name__, "zero_stage": engine.zero_optimization_stage(),
-                   "per_layer_bytes": None, "total_bytes": None, "not_metered": _unmeterable(engine, report),
+                   "per_layer_bytes": None, "total_bytes": None,
                    "forwards": 0, "step_s": None}
     if report is not None:
         entry.update(policy=report.policy, techniques=report.config.techniques(), replaced=report.counts(),
@@ -67,15 +65,6 @@ def record(engine: Any, model: Any, report: Any, how: str) -> None:
     _ENGINES.append(entry)
     _write()
     _watch_forward(engine, entry)
-
-
-def _unmeterable(engine: Any, report: Any) -> str | None:
-    """Why the first forward must not run under the meter's saved-tensor hooks (None: it may)."""
-    if engine.zero_optimization_stage() == 3 and report is not None and report.config.lm_loss != "off":
-        # Under saved-tensor hooks autograd hands the chunked LM loss its saved weight back as a plain tensor
-        # without ZeRO-3's ds_status, so its backward cannot gather it and training would fail.
-        return "ZeRO-3 with lm_loss=chunked: its backward cannot gather a weight saved under saved-tensor hooks"
-    return None
 
 
 def _watch_forward(engine: Any, entry: dict) -> None:
@@ -90,7 +79,7 @@ def _watch_forward(engine: Any, entry: dict) -> None:
         entry["forwards"] = n = entry["forwards"] + 1
         if n <= TIMED:
             starts.append(time.perf_counter())
-        if n == 1 and not entry["not_metered"]:
+        if n == 1:
             with SavedTensorMeter(engine.module) as meter:
                 out = forward(*args, **kwargs)
             entry["per_layer_bytes"], entry["total_bytes"] = meter.per_layer, meter.total_bytes
