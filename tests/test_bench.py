@@ -37,8 +37,10 @@ def bench(tmp_path_factory):
 def test_json_holds_every_figure_settings_and_environment(bench):
     _, result, rows = bench
     assert list(rows) == EXPECTED
-    assert [s["name"] for s in result["skipped"]] == ["silu=fewbit", "mlp=recompute"]  # no SiLU, no gated MLP
-    assert all("replaced nothing" in s["reason"] for s in result["skipped"])
+    skipped = {s["name"]: s["reason"] for s in result["skipped"]}
+    assert list(skipped) == ["silu=fewbit", "mlp=recompute", "liger"]  # no SiLU, no gated MLP; Liger needs CUDA
+    assert "replaced nothing" in skipped["silu=fewbit"] and "replaced nothing" in skipped["mlp=recompute"]
+    assert skipped["liger"].startswith("Liger-Kernel's Triton kernels need CUDA")
     s = result["settings"]
     assert (s["arch"], s["size"], s["seq"], s["dtype"], s["batch"], s["layers"], s["full_layers"], s["steps"]) == \
         ("bert", "tiny", SEQ, "bf16", BATCH, LAYERS, 2, STEPS)
@@ -217,3 +219,21 @@ def test_training_uses_the_variants_attention_implementation(monkeypatch):
     assert len(calls) == 2 * model.config.num_hidden_layers
     assert model.config._attn_implementation == "eager"
     assert with_sdpa == pytest.approx(eager, rel=1e-3)
+
+
+def test_the_liger_variant_patches_an_instance_and_takes_it_off_again():
+    """Liger's instance patch (its kernels cannot run on the CPU, its patching can) is undone completely."""
+    pytest.importorskip("liger_kernel")
+    from tempo_ds.bench.variants import VARIANTS, applied, liger_reason
+
+    model = presets.build_model("llama", "tiny", vocab_size=64, max_seq=16)
+    before = {name: (type(m), dict(m.__dict__)) for name, m in model.named_modules()}
+    assert liger_reason(model, torch.device("cpu")).startswith("Liger-Kernel's Triton kernels need CUDA")
+    with applied(model, VARIANTS["liger"]):
+        norm = model.model.norm
+        assert type(norm.__dict__.get("forward")).__name__ == "method" and "casting_mode" in norm.__dict__
+        assert model.config._attn_implementation == "sdpa"
+    after = {name: (type(m), dict(m.__dict__)) for name, m in model.named_modules()}
+    assert after.keys() == before.keys()
+    for name, (cls, attrs) in before.items():
+        assert after[name][0] is cls and after[name][1].keys() == attrs.keys(), name

@@ -12,7 +12,7 @@ import torch
 from .. import __version__, presets
 from . import measure
 from .training import final_loss, tail, train
-from .variants import BASELINE, applied, applies, not_applied_reason, select
+from .variants import BASELINE, applied, applies, liger_reason, not_applied_reason, select
 
 GIB = 2**30
 
@@ -94,6 +94,10 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
 
     run, skipped = [], []
     for v in chosen:
+        reason = liger_reason(model, dev) if v.liger else None
+        if reason:
+            skipped.append({"name": v.name, "label": v.label, "reason": reason})
+            continue
         with applied(model, v) as report:
             if applies(report):
                 run.append(v)
@@ -108,7 +112,11 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
                                   "bytes_per_layer": prof.bytes_per_layer, "sbh_per_layer": prof.sbh_per_layer,
                                   "outside_layers_bytes": prof.outside_layers_bytes,
                                   "outside_layers_sbh": prof.outside_layers_bytes / (seq * prof.batch * prof.hidden)}
-        if dev.type == "cuda":
+        if dev.type == "cuda" and v.liger:  # trials rebuild the model from a spec in a fresh process
+            rows[v.name]["max_micro_batch"] = {"batch": None, "method": "measured", "budget_bytes": budget,
+                                               "error": "not searched: the trial processes build tempo_ds variants "
+                                                        "only (tempo-ds bench-gpu measures Liger at equal batch)"}
+        elif dev.type == "cuda":
             say(f"largest micro-batch (GPU binary search): {v.label}")
             spec = measure.gpu_spec(v, arch=arch, size=size, seq=seq, dtype=dtype)
             rows[v.name]["max_micro_batch"] = measure.measured_micro_batch(spec, measure.gpu_budget(budget, dev),
@@ -120,7 +128,7 @@ def run_bench(arch: str = "bert", size: str = "large", *, seq: int = 512, dtype:
     times = measure.step_times(model, run, first, reps=reps, seed=seed)
     for v in run:
         say(f"training {steps} steps: {v.label}")
-        losses = train(model, batches, steps, tempo=v.tempo, attn=v.attn, lr=lr, seed=seed)
+        losses = train(model, batches, steps, tempo=v.tempo, attn=v.attn, liger=v.liger, lr=lr, seed=seed)
         rows[v.name]["time"] = {"times_s": times[v.name], "best_s": min(times[v.name]),
                                 "median_s": statistics.median(times[v.name])}
         rows[v.name]["loss"] = {"losses": losses, "final": final_loss(losses)}

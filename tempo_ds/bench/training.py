@@ -9,10 +9,11 @@ from ..inject import inject
 
 
 def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, attn: str | None = None,
-          lr: float = 1e-4, seed: int = 0) -> list[float]:
+          liger: bool = False, lr: float = 1e-4, seed: int = 0) -> list[float]:
     """Per-step losses of ``steps`` AdamW steps on ``batches[:steps]``, trained on a copy of ``model`` (which
     stays untouched) with ``tempo`` (a TempoConfig dict) injected into the copy, or none, and with the
-    transformers attention implementation ``attn`` (default: the model's).
+    transformers attention implementation ``attn`` (default: the model's); ``liger``: Liger-Kernel's instance patch
+    on the copy instead (CUDA).
 
     A 16-bit model trains as mixed-precision frameworks do: 16-bit weights and gradients, an fp32 master copy
     of the weights that AdamW updates and that is copied back after each step; fp16 adds a dynamic loss scale
@@ -27,6 +28,10 @@ def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, 
         model.set_attn_implementation(attn)
     if tempo is not None:
         inject(model, tempo)
+    if liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = params[0].device, params[0].dtype
     low = dtype != torch.float32

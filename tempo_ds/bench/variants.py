@@ -1,9 +1,13 @@
 """The runs ``tempo-ds bench`` puts side by side: HF eager (the baseline), HF sdpa, each tempo_ds technique
-alone and all exact techniques together, and how one of them is applied to a model and taken off again."""
+alone, all exact techniques together and Liger-Kernel (where it runs), and how one of them is applied to a model
+and taken off again."""
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+import torch
 
 from ..config import TempoConfig
 from ..inject import InjectionReport, inject, revert
@@ -19,10 +23,11 @@ class Variant:
     label: str
     attn: str = "eager"
     tempo: dict | None = None
+    liger: bool = False  # Liger-Kernel's every option, patched into the model instance (CUDA only)
 
     @property
     def kind(self) -> str:
-        return "baseline" if self.tempo is None else "tempo_ds"
+        return "peer" if self.liger else "baseline" if self.tempo is None else "tempo_ds"
 
 
 def _technique_name(cfg: dict) -> str:
@@ -38,6 +43,7 @@ VARIANTS: dict[str, Variant] = {
         *(Variant(_technique_name(cfg), f"tempo_ds {label}", tempo=TempoConfig.build({**ALL_OFF, **cfg}).model_dump())
           for label, cfg in TECHNIQUES.items()),
         Variant("all", "tempo_ds (all)", tempo=TempoConfig().model_dump()),
+        Variant("liger", "Liger-Kernel (all)", attn="sdpa", liger=True),
     )
 }
 
@@ -55,16 +61,53 @@ def select(names: list[str] | None) -> list[Variant]:
 @contextmanager
 def applied(model, variant: Variant):
     """``variant`` applied to ``model`` for the duration of the block (yields the InjectionReport, or None for
-    the HF variants); the model's modules and attention implementation are restored afterwards."""
+    the HF and Liger variants); the model's modules and attention implementation are restored afterwards."""
     before = model.config._attn_implementation
+    saved = _module_state(model) if variant.liger else None
     try:
         if variant.attn != before:
             model.set_attn_implementation(variant.attn)
+        if variant.liger:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=model)
         yield None if variant.tempo is None else inject(model, variant.tempo)
     finally:
         revert(model)
+        if saved is not None:
+            _restore_module_state(saved)
         if model.config._attn_implementation != before:
             model.set_attn_implementation(before)
+
+
+def liger_reason(model, device: torch.device) -> str | None:
+    """Why the Liger-Kernel variant cannot run here, or None. Its Triton kernels need CUDA: on the CPU they do
+    not run, not even under Triton's interpreter (float scalars arrive as Python floats, ``libdevice.rsqrt`` is a
+    stub); its instance patch covers only the families Liger knows."""
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need CUDA; they do not run on the CPU, not even under Triton's interpreter"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"Liger-Kernel has no patch for model_type {model.config.model_type!r}"
+    return None
+
+
+def _module_state(model) -> list:
+    """Each module's attribute dict (and its parameter, buffer and child dicts), shallow-copied: what Liger's
+    instance patch rebinds (``forward`` methods, norm attributes, submodules)."""
+    return [(m, dict(m.__dict__), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+
+def _restore_module_state(saved: list) -> None:
+    for module, attrs, modules, params, buffers in saved:
+        module.__dict__.clear()
+        module.__dict__.update(attrs)
+        for target, source in ((module._modules, modules), (module._parameters, params), (module._buffers, buffers)):
+            target.clear()
+            target.update(source)
 
 
 def applies(report: InjectionReport | None) -> bool:
