@@ -676,10 +676,16 @@ def test_triton_kernel_matches_the_pytorch_path(case, kernel, monkeypatch):
         mask, p = padding_mask(B, Sk, "bool"), 0.3
     if case == "additive_causal_dropout":
         mask, p = torch.randn(B, 1, Sq, Sk), 0.5
+    _assert_kernel_matches_pytorch_path(monkeypatch, q, k, v, mask, p, causal, seed=4)
+
+
+def _assert_kernel_matches_pytorch_path(monkeypatch, q, k, v, mask, p, causal, seed):
+    """The Triton kernel (interpreted) and the PyTorch path give the same output and gradients, dropout included
+    (both regenerate the same mask from the same seed)."""
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("TEMPO_DS_TRITON", flag)
-        torch.manual_seed(4)
+        torch.manual_seed(seed)
         out = attention(q, k, v, mask, dropout_p=p, is_causal=causal)
         results.append([out, *grads(out, (q, k, v))])
     for a, b in zip(*results):
@@ -731,14 +737,7 @@ def test_triton_kernel_at_the_cuda_tiles(case, interpreted_kernel, monkeypatch):
             assert_within_2x_of_torch(g, g_torch, g_ref, atol=1e-3, what="cuda tiles fp16 grad")
         return
     q, k, v = qkv(1, 2, Hkv, Sq, Sk, D=D, dtype=dtype)
-    results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("TEMPO_DS_TRITON", flag)
-        torch.manual_seed(5)
-        out = attention(q, k, v, mask, dropout_p=p, is_causal=causal)
-        results.append([out, *grads(out, (q, k, v))])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    _assert_kernel_matches_pytorch_path(monkeypatch, q, k, v, mask, p, causal, seed=5)
 
 
 def test_triton_kernel_takes_the_seed_as_a_device_tensor(kernel):

@@ -64,6 +64,16 @@ def _batch(model, b=3, s=24, padded=True):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def assert_same_loss_and_grads(plain, lean, batch):
+    """The injected model's loss and every gradient equal the untouched model's (fp32, rtol 1e-5)."""
+    loss0, grads0 = _loss_and_grads(plain, batch)
+    loss1, grads1 = _loss_and_grads(lean, batch)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _loss_and_grads(model, batch, seed=0):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -80,12 +90,7 @@ def test_exact_injection_matches_the_untouched_model(family):
     report = tempo_ds.inject(lean, silu="off", **EXACT)
     assert report.replaced, str(report)
     batch = _batch(plain)
-    loss0, grads0 = _loss_and_grads(plain, batch)
-    loss1, grads1 = _loss_and_grads(lean, batch)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    assert grads0.keys() == grads1.keys()
-    for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_loss_and_grads(plain, lean, batch)
 
 
 def test_inplace_gelu_injection_matches_within_the_inversion_floor():

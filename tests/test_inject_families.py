@@ -9,7 +9,7 @@ from torch import nn
 import tempo_ds
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.ops.layer_norm import side_columns
-from test_inject import EXACT, FAMILIES, _batch, _bert, _llama, _loss_and_grads
+from test_inject import EXACT, FAMILIES, _batch, _bert, _llama, _loss_and_grads, assert_same_loss_and_grads
 
 H, A, KV = 64, 4, 2
 
@@ -395,12 +395,7 @@ def test_every_family_trains_like_hf_with_the_defaults(family):
     skipped = {s.name: s.reason for s in report.skipped}
     assert ("<attention>" in skipped) == (family == "gemma2"), str(report)
     batch = _batch(plain, 2, 16)
-    loss0, grads0 = _loss_and_grads(plain, batch)
-    loss1, grads1 = _loss_and_grads(lean, batch)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    assert grads0.keys() == grads1.keys()
-    for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_loss_and_grads(plain, lean, batch)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "cohere"])
