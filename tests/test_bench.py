@@ -227,6 +227,9 @@ def test_the_liger_variant_patches_an_instance_and_takes_it_off_again():
     from tempo_ds.bench.variants import VARIANTS, applied, liger_reason
 
     model = presets.build_model("llama", "tiny", vocab_size=64, max_seq=16)
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    family_before, forward_before = dict(vars(modeling_llama)), modeling_llama.LlamaForCausalLM.forward
     before = {name: (type(m), dict(m.__dict__)) for name, m in model.named_modules()}
     assert liger_reason(model, torch.device("cpu")).startswith("Liger-Kernel's Triton kernels need CUDA")
     with applied(model, VARIANTS["liger"]):
@@ -237,3 +240,9 @@ def test_the_liger_variant_patches_an_instance_and_takes_it_off_again():
     assert after.keys() == before.keys()
     for name, (cls, attrs) in before.items():
         assert after[name][0] is cls and after[name][1].keys() == attrs.keys(), name
+    # nothing leaks into models built later: Liger also rebinds names in transformers' modeling module
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    assert vars(modeling_llama) == family_before and modeling_llama.LlamaForCausalLM.forward is forward_before
+    fresh = presets.build_model("llama", "tiny", vocab_size=64, max_seq=16)
+    assert type(fresh.model.norm) is modeling_llama.LlamaRMSNorm

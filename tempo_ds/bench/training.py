@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 
 from ..inject import inject
+from .variants import liger_patched
 
 
 def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, attn: str | None = None,
@@ -28,10 +30,11 @@ def train(model, batches: list[dict], steps: int, *, tempo: dict | None = None, 
         model.set_attn_implementation(attn)
     if tempo is not None:
         inject(model, tempo)
-    if liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    with liger_patched(model) if liger else nullcontext():
+        return _train(model, batches, steps, lr=lr, seed=seed)
 
-        _apply_liger_kernel_to_instance(model=model)
+
+def _train(model, batches: list[dict], steps: int, *, lr: float, seed: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     device, dtype = params[0].device, params[0].dtype
     low = dtype != torch.float32

@@ -4,7 +4,7 @@ and taken off again."""
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -63,21 +63,42 @@ def applied(model, variant: Variant):
     """``variant`` applied to ``model`` for the duration of the block (yields the InjectionReport, or None for
     the HF and Liger variants); the model's modules and attention implementation are restored afterwards."""
     before = model.config._attn_implementation
-    saved = _module_state(model) if variant.liger else None
     try:
         if variant.attn != before:
             model.set_attn_implementation(variant.attn)
-        if variant.liger:
-            from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-            _apply_liger_kernel_to_instance(model=model)
-        yield None if variant.tempo is None else inject(model, variant.tempo)
+        with liger_patched(model) if variant.liger else nullcontext():
+            yield None if variant.tempo is None else inject(model, variant.tempo)
     finally:
         revert(model)
-        if saved is not None:
-            _restore_module_state(saved)
         if model.config._attn_implementation != before:
             model.set_attn_implementation(before)
+
+
+@contextmanager
+def liger_patched(model):
+    """Liger-Kernel's patch of ``model`` for the duration of the block, taken off completely afterwards: besides the
+    instance, Liger rebinds names in the family's ``modeling_*`` module (its RMSNorm, MLP and RoPE classes and
+    functions) and model classes' ``forward``, which would otherwise leak into every model built later."""
+    import sys
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    family = sys.modules[type(model).__module__]
+    names = dict(vars(family))
+    forwards = {cls: cls.__dict__["forward"] for cls in names.values()
+                if isinstance(cls, type) and "forward" in cls.__dict__}
+    saved = _module_state(model)
+    try:
+        _apply_liger_kernel_to_instance(model=model)
+        yield model
+    finally:
+        _restore_module_state(saved)
+        for key in set(vars(family)) - set(names):
+            delattr(family, key)
+        for key, value in names.items():
+            setattr(family, key, value)
+        for cls, forward in forwards.items():
+            cls.forward = forward
 
 
 def liger_reason(model, device: torch.device) -> str | None:
