@@ -161,7 +161,7 @@ def test_triton_kernel_matches_the_pytorch_path(gated_kernel, act):
 def test_kernels_compile_ahead_of_time_for_sm80_and_sm90(tmp_path):
     """The launches the dispatch makes compile with ``triton.compile(ASTSource(...))`` (no GPU needed), in a
     subprocess without the interpreter: all 18 are listed, two representative ones compiled here (the whole list,
-    36 compiles, takes ~15 s; /work/notes/gated-mlp/aot_all.py compiles it)."""
+    36 compiles, takes ~15 s: `tempo-ds aot --full --only gated_mlp`)."""
     import subprocess
     import sys
 
