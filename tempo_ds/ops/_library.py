@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_dtype", "draw_seed", "LIB"]
+__all__ = ["autocast_dtype", "draw_seed", "no_autocast", "LIB"]
 
 LIB = "tempo_ds"
 
@@ -34,6 +34,11 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def no_autocast(t: torch.Tensor):
+    """Autocast off on ``t``'s device: the op body casts to the ``compute_dtype`` its wrapper resolved itself."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from tempo_ds.ops._bits import pack_bits, packed_nbytes, unpack_bits
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed
+from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed, no_autocast
 from tempo_ds.ops.attention_dispatch import AttentionCall, choose_backend
 from tempo_ds.ops.dropout import fill_keep_mask
 
@@ -280,10 +280,6 @@ def _as_4d(mask):
     return None if mask is None else mask[(None,) * (4 - mask.dim())]
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _kernel_seed(seed):
     """The seed as the Triton launchers take it: the device tensor itself where they load it on the device
     (``TENSOR_SEED``), else an int (a host read, only for launchers that predate device seeds); 0 without
@@ -304,7 +300,7 @@ def _lean_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
               seed: Optional[torch.Tensor], causal: bool, scale: float, p: float, block: int,
               kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq]) from the Triton kernel or the blocked code."""
-    with _no_autocast(q):
+    with no_autocast(q):
         if kernel:
             from tempo_ds.kernels import attention as kern
 
@@ -325,7 +321,7 @@ def _lean_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               scale: float, p: float, block: int, kernel: bool, mask_grad: bool) -> list[torch.Tensor]:
     """[dq, dk, dv, dmask] in the dtypes and shapes of q, k, v and the mask (dmask empty unless ``mask_grad``)."""
     mask4 = _as_4d(mask)
-    with _no_autocast(q):
+    with no_autocast(q):
         if kernel:
             from tempo_ds.kernels import attention as kern
 
@@ -368,7 +364,7 @@ def _tempo_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
                keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, P [B, H, Sq, Sk] in q's dtype, the keep mask packed to 1 bit); P and the bits are empty unless
     ``keep`` (something needs a gradient), the bits also without dropout."""
-    with _no_autocast(q):
+    with no_autocast(q):
         o, probs, keep_mask = _tempo_forward(q, k, v, _as_4d(mask), causal, scale, p, seed)
     if not keep:
         return o, _empty(q), _empty(q, torch.uint8)
@@ -396,7 +392,7 @@ def _tempo_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if packed is not None:
         keep = unpack_bits(packed, 1, probs.numel()).view(probs.shape).bool()
     shape4 = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
-    with _no_autocast(q):
+    with no_autocast(q):
         dq, dk, dv, dmask = _tempo_backward(do, q, k, v, probs, keep, shape4 if mask_grad else None, scale, p)
     dmask = dmask.reshape(mask_shape).to(mask_dtype) if dmask is not None else _empty(q)
     return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask]

@@ -59,7 +59,7 @@ import torch
 from tempo_ds.fewbit import functions, tables
 from tempo_ds.ops._bits import packed_nbytes
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB
+from tempo_ds.ops._library import LIB, no_autocast
 
 __all__ = ["fewbit", "FewBitFunction", "FewBitSpec", "resolve", "reference_backward"]
 
@@ -271,10 +271,6 @@ def reference_backward(grad: torch.Tensor, x: torch.Tensor, spec: FewBitSpec) ->
     return torch.where(level == 0, torch.zeros_like(product), product).to(grad.dtype)
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _spec(name, bits, borders, levels, band, nan_code) -> FewBitSpec:
     return FewBitSpec(name, bits, tuple(borders), tuple(levels), band, nan_code)
 
@@ -283,7 +279,7 @@ def _spec(name, bits, borders, levels, band, nan_code) -> FewBitSpec:
 def _fwd(x: torch.Tensor, name: str, bits: int, borders: list[float], levels: list[float], band: bool,
          nan_code: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f(x) contiguous, packed codes uint8 [ceil(n * bits / 8)])``."""
-    with _no_autocast(x):
+    with no_autocast(x):
         y, packed = _forward(x, _spec(name, bits, borders, levels, band, nan_code), save=True)
         return y.contiguous(), packed
 
@@ -296,7 +292,7 @@ def _(x, name, bits, borders, levels, band, nan_code):
 @torch.library.custom_op(f"{LIB}::fewbit_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, packed: torch.Tensor, levels: list[float], bits: int) -> torch.Tensor:
     """``grad * level[code]`` (an exact 0 where the level is 0): grad's shape and dtype, contiguous."""
-    with _no_autocast(grad):
+    with no_autocast(grad):
         return _backward(grad, packed, FewBitSpec("", bits, (), tuple(levels), False, 0)).contiguous()
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_triton
-from ._library import LIB, autocast_dtype
+from ._library import LIB, autocast_dtype, no_autocast
 from ._zero import gathered
 
 __all__ = ["gated_mlp", "ACTIVATIONS", "check_activation"]
@@ -102,10 +102,6 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _out_dtype(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
                compute_dtype: Optional[torch.dtype]) -> torch.dtype:
     h_dtype = g.dtype if u is None else torch.promote_types(g.dtype, u.dtype)
@@ -118,7 +114,7 @@ def _out_dtype(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
 @torch.library.custom_op(f"{LIB}::gated_mlp_fwd", mutates_args=())
 def _fwd(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
          activation: str, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    with _no_autocast(g):
+    with no_autocast(g):
         gg, uu = _split(g, u)
         h = _hidden(gg, uu, activation)
         return F.linear(_cast(h, compute_dtype), _cast(weight, compute_dtype), _cast(bias, compute_dtype))
@@ -138,7 +134,7 @@ def _bwd(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight:
     gradient ``needs`` (gate/up, weight, bias) leaves out."""
     need_in, need_w, need_b = needs
     dg, du, dw, db = (dout.new_empty(0) for _ in range(4))
-    with _no_autocast(dout):
+    with no_autocast(dout):
         gg, uu = _split(g, u)
         dout2 = dout.reshape(-1, dout.shape[-1])
         h_dtype = torch.promote_types(gg.dtype, uu.dtype)

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 
 from ._bits import pack_bits, unpack_bits
 from ._dispatch import use_triton
-from ._library import LIB
+from ._library import LIB, no_autocast
 
 __all__ = ["inplace_gelu", "APPROXIMATE"]
 
@@ -276,14 +276,10 @@ def _kernel_path(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton(x)
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 @torch.library.custom_op(f"{LIB}::inplace_gelu_fwd", mutates_args=())
 def _fwd(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(GELU(x) contiguous, packed branch bits uint8 [ceil(n / 8)])``."""
-    with _no_autocast(x):
+    with no_autocast(x):
         if _kernel_path(x):
             from tempo_ds.kernels import gelu as kernel
 
@@ -303,7 +299,7 @@ def _(x, approximate):
 @torch.library.custom_op(f"{LIB}::inplace_gelu_bwd", mutates_args=())
 def _bwd(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
     """``dy * GELU'(GELU^-1(y))`` on the branch in ``packed``: y's shape and dtype, contiguous."""
-    with _no_autocast(y):
+    with no_autocast(y):
         if _kernel_path(y):
             from tempo_ds.kernels import gelu as kernel
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._library import LIB, autocast_dtype
+from ._library import LIB, autocast_dtype, no_autocast
 from ._zero import gathered
 from .gelu import check_approximate
 
@@ -53,10 +53,6 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
     dtype = torch.promote_types(x.dtype, weight.dtype)
     return dtype if compute_dtype is None or dtype == torch.float64 else compute_dtype
@@ -65,7 +61,7 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype
 @torch.library.custom_op(f"{LIB}::gelu_linear_fwd", mutates_args=())
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, transposed: bool,
          compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    with _no_autocast(x):
+    with no_autocast(x):
         h = _cast(F.gelu(x, approximate=approximate), compute_dtype)
         return _linear(h, _cast(weight, compute_dtype), _cast(bias, compute_dtype), transposed)
 
@@ -84,7 +80,7 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Option
     need_x, need_w, need_b = needs
     dx, dweight, dbias = (dout.new_empty(0) for _ in range(3))
     dout2 = dout.reshape(-1, dout.shape[-1])
-    with _no_autocast(dout), gathered(weight, bias):
+    with no_autocast(dout), gathered(weight, bias):
         if need_w:
             h = _cast(F.gelu(x, approximate=approximate), compute_dtype).to(dout.dtype)
             h2 = h.reshape(-1, h.shape[-1])

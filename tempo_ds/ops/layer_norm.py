@@ -102,7 +102,7 @@ from typing import Optional, Sequence
 import torch
 
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB
+from tempo_ds.ops._library import LIB, no_autocast
 from tempo_ds.ops._zero import gathered
 
 __all__ = ["inplace_layer_norm", "output_is_invertible", "column_scores", "side_columns", "BIAS_RATIO_LIMIT",
@@ -220,10 +220,6 @@ def patch_xhat(xhat: torch.Tensor, side: torch.Tensor, idx: torch.Tensor, bad: t
     return xhat
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _stat_shape(x: torch.Tensor, k: int) -> tuple[int, ...]:
     """aten's shape for statistics of ``x`` normalised over its last ``k`` dimensions."""
     return (*x.shape[:x.dim() - k], *([1] * k))
@@ -239,7 +235,7 @@ def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.T
     ``save == "input"`` (else [0]); side [M, K] and idx [K] only when ``save == "output"`` (else K = 0)."""
     n = math.prod(normalized_shape)
     k = side_columns(n, weight is not None or bias is not None) if save == "output" else 0
-    with _no_autocast(x):
+    with no_autocast(x):
         x2 = x.reshape(-1, n)
         if fits_kernel(x, n):
             from tempo_ds.kernels import layer_norm as kernel
@@ -280,7 +276,7 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rs
     shape, n = tuple(normalized_shape), math.prod(normalized_shape)
     from_output = mean is None
     acc = rstd.dtype
-    with _no_autocast(grad), gathered(weight, bias):
+    with no_autocast(grad), gathered(weight, bias):
         if fits_kernel(src, n):
             from tempo_ds.kernels import layer_norm as kernel
 

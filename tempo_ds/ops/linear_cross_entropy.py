@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._library import autocast_dtype
+from ._library import autocast_dtype, no_autocast
 from ._zero import gathered
 
 __all__ = ["linear_cross_entropy", "tile_shape", "TILE_ELEMENTS", "MIN_COLS", "REDUCTIONS"]
@@ -100,7 +100,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     n, vocab = hidden.shape[0], weight.shape[0]
     lse = hidden.new_full((n,), float("-inf"), dtype=acc)
     target = hidden.new_zeros((n,), dtype=acc)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden):
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             h, y = hidden[r0:r1].to(compute), labels[r0:r1]
@@ -140,7 +140,7 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     dw = torch.empty_like(weight) if need_w else None
     db = torch.empty_like(bias) if need_b else None
     one_chunk = rows >= n
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden):
         for c0 in range(0, vocab, cols):
             c1 = min(c0 + cols, vocab)
             w = weight[c0:c1].to(compute)

@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from tempo_ds.ops._library import LIB
+from tempo_ds.ops._library import LIB, no_autocast
 from tempo_ds.ops._zero import gathered
 from tempo_ds.ops.layer_norm import (acc_dtype, column_scores, fits_kernel, patch_xhat, rebuild_xhat, side_buffer,
                                      side_columns, side_columns_of)
@@ -59,10 +59,6 @@ __all__ = ["inplace_rms_norm"]
 CASTINGS = ("llama", "torch")
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 @torch.library.custom_op(f"{LIB}::inplace_rms_norm_fwd", mutates_args=())
 def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: str, out_dtype: torch.dtype,
          save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +66,7 @@ def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: s
     idx [K] int64 only when ``save == "output"`` (else K = 0)."""
     n = x.shape[-1]
     k = side_columns(n, weight is not None) if save == "output" else 0
-    with _no_autocast(x):
+    with no_autocast(x):
         x2 = x.reshape(-1, n)
         if fits_kernel(x, n):
             from tempo_ds.kernels import layer_norm as kernel
@@ -112,7 +108,7 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.
     need_x, need_w = needs
     n = src.shape[-1]
     acc = rstd.dtype
-    with _no_autocast(grad), gathered(weight):
+    with no_autocast(grad), gathered(weight):
         if fits_kernel(src, n):
             from tempo_ds.kernels import layer_norm as kernel
 
