@@ -29,7 +29,7 @@ autograd's through the tempo_ds Functions. The switches select what is kept for 
 switch                     on                                              off
 =========================  ==============================================  =========================================
 normalize_invertible       ``inplace_layer_norm``: LN output + rstd        LN input + float32 mean and rstd
-                                                                           (``layer_norm_fp32_grads``)
+                                                                           (``inplace_layer_norm(keep_input=True)``)
 gelu_checkpoint            ``gelu_linear``: GELU input only, GELU          ``F.gelu`` + ``F.linear``: GELU input and
                            recomputed in backward (exact)                  GELU output
 attn_dropout_checkpoint    ``attention(mode="lean")``: q, k, v, output,    ``attention(mode="tempo")``: q, k, v, the
@@ -105,7 +105,6 @@ from torch import nn
 
 from .ops import attention, gelu_linear, inplace_layer_norm, seed_dropout
 from .ops._zero import gathered
-from .ops.layer_norm_fp32 import layer_norm_fp32_grads
 from .policies import Plan, Policy, Skip, Swap
 
 __all__ = ["TempoTransformerLayer", "TempoBertLayer", "BertLayerPolicy", "bert_layer_policy", "DeepSpeedKernelPolicy",
@@ -361,9 +360,8 @@ class TempoTransformerLayer(nn.Module):
         return self._norm(f + g, self.norm_w, self.norm_b)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        if self.normalize_invertible:
-            return inplace_layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
-        return layer_norm_fp32_grads(x, (self.hidden_size,), weight, bias, self.layer_norm_eps)
+        return inplace_layer_norm(x, (self.hidden_size,), weight, bias, self.layer_norm_eps,
+                                  keep_input=not self.normalize_invertible)
 
     def _check_precision(self, x: torch.Tensor) -> None:
         device = x.device.type
