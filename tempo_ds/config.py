@@ -68,6 +68,14 @@ class TempoConfig(_Strict):
                          labels ``outputs.logits`` is None; ``with tempo_ds.lm_loss.full_logits(model):``
                          gives a forward with logits
                off       transformers' own head and loss
+    mask_check host      transformers models: an all-ones padding ``attention_mask`` is checked once per forward
+                         (``bool(padding.all())``, a host read, outside tracing only, never per layer), as
+                         transformers' own ``sdpa_mask`` does, and dropped: unpadded batches then run without a
+                         mask (on CUDA, SDPA's flash backend can take them)
+               never     never read the mask on the host: the [b, 1, 1, s] padding row is always passed
+                         (same results, no device sync; on CUDA an all-ones mask then runs SDPA's
+                         memory-efficient backend instead of flash). Pass ``attention_mask=None`` for unpadded
+                         batches to get flash without a read
     skip       module-name patterns (fnmatch) that injection leaves alone
     """
 
@@ -80,6 +88,7 @@ class TempoConfig(_Strict):
     dropout: Literal["seed", "off"] = "seed"
     lm_loss: Literal["chunked", "off"] = "chunked"
     attention_block_size: int | None = Field(default=None, ge=1)
+    mask_check: Literal["host", "never"] = "host"
     fewbit: FewBitConfig = Field(default_factory=FewBitConfig)
     skip: list[str] = Field(default_factory=list)
 

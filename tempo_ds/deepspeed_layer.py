@@ -382,41 +382,37 @@ class TempoTransformerLayer(nn.Module):
 # HF BERT: the layer behind transformers' BertLayer calling convention
 # ------------------------------------------------------------------------------------------------------
 class _MaskCache:
-    """Compacts transformers' 4-D attention masks once per forward pass, for every layer of a model.
+    """Gives every layer of a model the same attention mask object for one forward pass, decided from shapes
+    alone (nothing is read on the host).
 
-    The BERT encoder hands each layer the same [B, 1, S, S] mask (boolean for sdpa, additive for eager)
-    although it only carries key padding. The attention keeps its mask for backward, so each layer would keep
-    the s x s storage (a view would keep it whole). The first layer checks that every query row is the same,
-    keeps one [B, 1, 1, S] copy (None when nothing is masked), and the other layers reuse it while the mask is
-    the same, unmodified tensor — so the meter charges it once, to the first layer.
+    The attention keeps its mask for backward by reference, so the layers of a model keep one mask between
+    them when they receive the same tensor: a mask given as None or 4-D (transformers' masks, already built
+    once per forward) is passed on as it is. Injected through ``bert_layer_policy`` the encoder builds it
+    with ``tempo_ds.hf_attention.padding_mask``, so it is None or the boolean [B, 1, 1, S] padding row; a
+    [B, 1, S, S] mask built elsewhere is kept whole, once for all layers. Only a 2-D [B, S] padding mask
+    (1 = attend, what flash-attention implementations get) is converted, to a boolean [B, 1, 1, S] row, and
+    the conversion is shared by the layers while the mask is the same, unmodified tensor (a weak reference and
+    its version counter) - so the meter charges it once, to the first layer.
     """
 
     def __init__(self):
-        self._source = None  # weak reference to the last mask seen
+        self._source = None  # weak reference to the last 2-D mask seen
         self._version = -1
-        self._value = None   # its compacted form (None: no mask needed, or the mask itself when `_as_is`)
-        self._as_is = False
+        self._value = None   # its [B, 1, 1, S] boolean row
 
     def __reduce__(self):  # pickled / deep-copied empty (a weak reference cannot be pickled)
         return (_MaskCache, ())
 
     def compact(self, mask: torch.Tensor | None) -> torch.Tensor | None:
-        if mask is None or (mask.dim() == 4 and mask.shape[-2] == 1) or mask.dim() not in (2, 4):
+        if mask is None or mask.dim() != 2:
             return mask
+        if torch.compiler.is_compiling():
+            return mask.bool()[:, None, None, :]
         if self._source is not None and self._source() is mask and self._version == mask._version:
-            return mask if self._as_is else self._value
-        if mask.dim() == 2:  # [B, S] key padding, 1 = attend (what flash-attention implementations get)
-            value = mask.bool()[:, None, None, :]
-        else:
-            row = mask[..., -1:, :]
-            if bool((mask == row).all()):
-                empty = bool(row.all()) if mask.dtype == torch.bool else bool((row == 0).all())
-                value = None if empty else row.clone(memory_format=torch.contiguous_format)
-            else:
-                value = mask
-        self._source, self._version, self._as_is = weakref.ref(mask), mask._version, value is mask
-        self._value = None if self._as_is else value  # never hold the caller's mask alive
-        return value
+            return self._value
+        self._source, self._version = weakref.ref(mask), mask._version
+        self._value = mask.bool()[:, None, None, :]
+        return self._value
 
 
 def _bert_layer_class():
@@ -438,8 +434,9 @@ def _tempo_bert_layer_class() -> type:
     class TempoBertLayer(TempoTransformerLayer, BertLayer):
         """A ``TempoTransformerLayer`` (post-LN) behind HF ``BertLayer``'s forward: ``(hidden_states,
         attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
-        **kwargs) -> hidden_states``. ``attention_mask`` is what the encoder passes: None, a [B, 1, S, S]
-        boolean or additive mask (compacted, see ``_MaskCache``), or [B, S] padding (1 = attend). Other keyword
+        **kwargs) -> hidden_states``. ``attention_mask`` is what the encoder passes: None or a [B, 1, 1, S]
+        padding row (through ``bert_layer_policy``), any 4-D boolean or additive mask (used as it is), or [B, S]
+        padding (1 = attend; see ``_MaskCache``). Other keyword
         arguments (``position_ids``, ...) are not used by a BERT layer; attention probabilities are never formed,
         so ``output_attentions`` records nothing for these layers.
 
@@ -561,6 +558,11 @@ class BertLayerPolicy(Policy):
     -> ``attn_dropout_checkpoint`` True / False. A layer is left alone (and reported) with ``gelu=fewbit``,
     ``attention=off`` or ``dropout=off``, which this layer cannot honour, or when it is not a plain BERT
     encoder layer.
+
+    The model's attention implementation is set to tempo_ds's (``hf_attention``, with ``mask_check``), as by
+    the ``bert`` policy, even when every BertLayer is replaced: the encoder then builds its mask with
+    ``hf_attention.padding_mask``, so the layers receive None or one boolean [B, 1, 1, S] padding row (not a
+    [B, 1, S, S] mask), decided without reading it on the host under ``mask_check="never"``.
     """
 
     def matches(self, model: nn.Module) -> bool:
@@ -603,14 +605,6 @@ class BertLayerPolicy(Policy):
         if cfg.dropout == "off":
             return "dropout=off: TempoTransformerLayer always regenerates dropout masks from a seed"
         return None
-
-    def _plan_attention(self, model, cfg, plan):
-        layer_cls = _bert_layer_class()
-        swapped = {s.name for s in plan.swaps}
-        layers = [name for name, m in model.named_modules() if type(m) is layer_cls]
-        if layers and all(name in swapped for name in layers):
-            return None  # no HF attention module is left to dispatch through AttentionInterface
-        return super()._plan_attention(model, cfg, plan)
 
 
 def _is_deepspeed_kernel_layer(module: nn.Module) -> bool:

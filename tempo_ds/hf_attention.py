@@ -1,12 +1,16 @@
 """tempo_ds attention inside transformers: registered in ``AttentionInterface`` and selected per model.
 
-Two implementations are registered under their own names, each with its own mask builder
-(``AttentionMaskInterface``); without a mask builder transformers would hand a custom implementation no
-mask at all:
+Two implementations are registered, each under two names (one per ``TempoConfig.mask_check``), each name
+with its own mask builder (``AttentionMaskInterface``); without a mask builder transformers would hand a
+custom implementation no mask at all:
 
-* ``"tempo"``           - ``tempo_ds.ops.attention(mode="lean")``: saves q, k, v, the output and a per-row
-  log-sum-exp, never an s x s tensor;
-* ``"tempo_recompute"`` - Tempo's attention-dropout recomputation (softmax output + a 1-bit mask).
+* ``"tempo"`` / ``"tempo_syncfree"`` - ``tempo_ds.ops.attention(mode="lean")``: saves q, k, v, the output
+  and a per-row log-sum-exp, never an s x s tensor;
+* ``"tempo_recompute"`` / ``"tempo_recompute_syncfree"`` - Tempo's attention-dropout recomputation (softmax
+  output + a 1-bit mask).
+
+The name carries the mask check, so the choice travels with the model (``model.config._attn_implementation``)
+and no global switch is needed.
 
 The mask builder (:func:`padding_mask`) is what lets the attention decide the mask's structure without
 reading it. transformers' own builders materialize a [b, 1, s_q, s_kv] mask even when it only says
@@ -14,11 +18,16 @@ reading it. transformers' own builders materialize a [b, 1, s_q, s_kv] mask even
 (a device sync, and a graph break under ``torch.compile``). Ours returns, for the plain causal and
 bidirectional masks that BERT, GPT-2, Llama and their kin build in training:
 
-* ``None`` when no 2-D padding mask was given, or (outside tracing) when it masks nothing - the same check
-  transformers' ``sdpa_mask`` makes; under ``torch.compile`` / ``torch.export`` that check is skipped and
-  the padding row is kept, so nothing is read on the host;
+* ``None`` when no 2-D padding mask was given;
+* ``None`` when it masks nothing, with ``mask_check="host"`` (the default) and outside tracing: one host read
+  (``bool(padding.all())``, a device sync on CUDA) per forward pass - the mask is built once per forward,
+  never per layer - the same read transformers' ``sdpa_mask`` makes. It lets unpadded batches run with no
+  mask (SDPA's flash backend on CUDA). Under ``torch.compile`` / ``torch.export`` the read is skipped and
+  the row kept;
 * otherwise the padding row itself, boolean [b, 1, 1, s_kv] (True = attend): one byte per key, shared by
-  every layer, instead of b * s_q * s_kv bytes.
+  every layer, instead of b * s_q * s_kv bytes. With ``mask_check="never"`` an all-ones row is passed too:
+  the results are the same and nothing is read on the host (on CUDA SDPA's memory-efficient backend then
+  takes the call instead of flash). Pass ``attention_mask=None`` for unpadded batches to have both.
 
 Causality is then the attention module's (``module.is_causal``, or an ``is_causal`` keyword, and the
 config's ``is_causal`` switch), exactly as transformers' sdpa attention does when it receives no mask.
@@ -32,26 +41,39 @@ import functools
 
 import torch
 
-__all__ = ["IMPLEMENTATIONS", "implementation_name", "register", "padding_mask", "hf_attention_forward"]
+__all__ = ["IMPLEMENTATIONS", "MASK_CHECKS", "implementation_name", "register", "padding_mask",
+           "hf_attention_forward"]
 
-IMPLEMENTATIONS = {"lean": "tempo", "tempo": "tempo_recompute"}
+IMPLEMENTATIONS = {"lean": "tempo", "tempo": "tempo_recompute"}  # the names for mask_check="host"
+MASK_CHECKS = ("host", "never")
+_SUFFIX = {"host": "", "never": "_syncfree"}
 
 
-def implementation_name(mode: str) -> str:
-    """The registered transformers name for an attention mode of ``TempoConfig`` (registering on first use)."""
+def _check_mask_check(mask_check: str) -> None:
+    if mask_check not in MASK_CHECKS:
+        raise ValueError(f"mask_check={mask_check!r}; allowed values: {', '.join(map(repr, MASK_CHECKS))}")
+
+
+def implementation_name(mode: str, mask_check: str = "host") -> str:
+    """The registered transformers name for an attention mode of ``TempoConfig`` and its ``mask_check``
+    (registering on first use)."""
+    if mode not in IMPLEMENTATIONS:
+        raise ValueError(f"attention mode {mode!r}; allowed values: {', '.join(map(repr, IMPLEMENTATIONS))}")
+    _check_mask_check(mask_check)
     register()
-    return IMPLEMENTATIONS[mode]
+    return IMPLEMENTATIONS[mode] + _SUFFIX[mask_check]
 
 
 @functools.lru_cache(maxsize=None)
 def register() -> None:
-    """Register both implementations (and their mask builder) with transformers, once."""
+    """Register both implementations, each under one name per mask check with its mask builder, once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for mode, name in IMPLEMENTATIONS.items():
-        AttentionInterface.register(name, functools.partial(hf_attention_forward, mode=mode))
-        AttentionMaskInterface.register(name, padding_mask)
+    for mode, base in IMPLEMENTATIONS.items():
+        for mask_check, suffix in _SUFFIX.items():
+            AttentionInterface.register(base + suffix, functools.partial(hf_attention_forward, mode=mode))
+            AttentionMaskInterface.register(base + suffix, functools.partial(padding_mask, mask_check=mask_check))
 
 
 def _plain(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, allow_causal, allow_bidirectional):
@@ -66,13 +88,19 @@ def _plain(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, 
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-                 local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False, **kwargs):
+                 local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False, *,
+                 mask_check="host", **kwargs):
     """A transformers mask builder (``AttentionMaskInterface``, same arguments as ``sdpa_mask``) that returns
     None or the [b, 1, 1, s_kv] boolean padding row for plain causal / bidirectional masks, and
-    ``sdpa_mask``'s materialized mask otherwise (module docstring). Reads the padding mask on the host only
-    outside tracing, where transformers' own builder reads it too."""
+    ``sdpa_mask``'s materialized mask otherwise (module docstring).
+
+    ``mask_check="host"``: an all-ones padding mask gives None, decided by one host read per call (a device
+    sync on CUDA; transformers calls this once per forward pass, not per layer), skipped under tracing -
+    transformers' own ``sdpa_mask`` makes the same read. ``"never"``: nothing is read, the row is returned
+    even when it masks nothing (same results)."""
     from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
+    _check_mask_check(mask_check)
     if mask_function is None:
         mask_function = causal_mask_function
     args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -86,8 +114,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if padding is None:
         return None
     padding = padding[:, :kv_length]
-    if not torch.compiler.is_compiling() and bool(padding.all()):  # as sdpa_mask's skip does (a host read)
-        return None
+    if mask_check == "host" and not torch.compiler.is_compiling() and bool(padding.all()):  # a host read,
+        return None                                                                        # as sdpa_mask's skip
     return padding[:, None, None, :]
 
 

@@ -195,7 +195,7 @@ class Policy:
             return None
         from .hf_attention import implementation_name
 
-        return implementation_name(cfg.attention)
+        return implementation_name(cfg.attention, cfg.mask_check)
 
     # -- which activation feeds which Linear ---------------------------------------------------------
     def _activation_pairs(self, model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
