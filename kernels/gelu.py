@@ -47,7 +47,8 @@ import triton.language as tl
 from tempo_ds.kernels._launch import launcher
 from tempo_ds.kernels._spec import POINTER, SHORT, spec
 from tempo_ds.ops._bits import packed_nbytes
-from tempo_ds.ops.gelu import S_A, S_L, S_R, TABLES, TAU, Y_TINY, branch_threshold, newton_steps
+from tempo_ds.ops._library import device_constant
+from tempo_ds.ops.gelu import S_A, S_L, S_R, TABLES, TAU, Y_TINY, _rounded, branch_threshold, newton_steps
 
 BLOCK = 1024
 
@@ -174,16 +175,10 @@ def _backward_kernel(y_ptr, bits_ptr, dy_ptr, dx_ptr, coef_ptr, n, y_hi, y_lo, y
     tl.store(dx_ptr + offs, _rounded_for(dy * slope, dx_ptr), mask=inside)
 
 
-_COEFFICIENTS: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
 def _coefficients(approximate: str, device: torch.device) -> torch.Tensor:
     """A, R, L, T of ``TABLES[approximate]`` back to back, float32, on ``device``."""
-    key = (approximate, device)
-    if key not in _COEFFICIENTS:
-        tab = TABLES[approximate]
-        _COEFFICIENTS[key] = torch.tensor(tab.a + tab.r + tab.l + tab.t, dtype=torch.float32, device=device)
-    return _COEFFICIENTS[key]
+    tab = TABLES[approximate]
+    return device_constant(tab.a + tab.r + tab.l + tab.t, torch.float32, device)
 
 
 def forward(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +200,7 @@ def backward(y: torch.Tensor, bits: torch.Tensor, dy: torch.Tensor, approximate:
     n = y.numel()
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if n:
-        y_hi = float(torch.tensor(tab.y_min, dtype=torch.float64).float())
+        y_hi = _rounded(tab.y_min, torch.float32)
         launcher(_backward_kernel)[(triton.cdiv(n, BLOCK),)](
             y, bits, dy, dx, _coefficients(approximate, y.device), n, y_hi, tab.y_min - y_hi,
             S_R * S_R + tab.y_min, tab.y_l, TANH=approximate == "tanh", NEWTON=newton_steps(y.dtype),

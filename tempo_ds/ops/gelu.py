@@ -51,7 +51,8 @@ grad is disabled or x does not require grad. The input is never modified: "in pl
 kept, not about writing over x.
 
 Custom ops: ``tempo_ds::inplace_gelu_fwd(x, approximate) -> (y, bits)`` and ``tempo_ds::inplace_gelu_bwd(y,
-bits, dy, approximate) -> dx``, with fake implementations, joined by ``register_autograd``. Both are
+bits, dy, approximate) -> dx``, triton ops (``tempo_ds.ops._library``: on CUDA torch.compile sees the kernel
+launches, elsewhere they call the opaque ``_fwd_opaque`` / ``_bwd_opaque``), joined by ``register_autograd``. Both are
 out of place (``mutates_args=()``). Writing y over x would need ``mutates_args={"x"}``: functionalization
 would then turn it back into a copy under torch.compile/export (no memory saved there), and in eager it
 would break every other reader of x -- autograd's saved copies of x elsewhere (version check), the
@@ -67,7 +68,6 @@ float64 least-squares fits on Chebyshev nodes against a bisection inverse (the p
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 
 from ._bits import pack_bits, unpack_bits
 from ._dispatch import use_triton
-from ._library import LIB, no_autocast
+from ._library import LIB, host_constant, kernels_visible, no_autocast, triton_op
 
 __all__ = ["inplace_gelu", "APPROXIMATE"]
 
@@ -141,7 +141,7 @@ def check_approximate(approximate: str) -> None:
                          + ", ".join(repr(a) for a in APPROXIMATE))
 
 
-@functools.lru_cache(maxsize=None)
+@host_constant
 def branch_threshold(approximate: str, dtype: torch.dtype) -> float:
     """The least ``dtype`` value >= x_min: for x of that dtype, ``x >= threshold`` iff x >= x_min."""
     x_min = TABLES[approximate].x_min
@@ -151,7 +151,7 @@ def branch_threshold(approximate: str, dtype: torch.dtype) -> float:
     return t.item()
 
 
-@functools.lru_cache(maxsize=None)
+@host_constant
 def _rounded(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype``: a host constant, computed once (no tensor read per call)."""
     return float(torch.tensor(value, dtype=torch.float64).to(dtype))
@@ -276,40 +276,74 @@ def _kernel_path(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton(x)
 
 
-@torch.library.custom_op(f"{LIB}::inplace_gelu_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(GELU(x) contiguous, packed branch bits uint8 [ceil(n / 8)])``."""
+def _triton_forward(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from tempo_ds.kernels import gelu as kernel
+
+    y, packed = kernel.forward(x, approximate)
+    return y.view(x.shape), packed
+
+
+def _triton_backward(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
+    from tempo_ds.kernels import gelu as kernel
+
+    return kernel.backward(y, packed, dy, approximate).view(y.shape)
+
+
+@torch.library.custom_op(f"{LIB}::inplace_gelu_fwd_opaque", mutates_args=())
+def _fwd_opaque(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(GELU(x) contiguous, packed branch bits uint8 [ceil(n / 8)])``: the PyTorch path (or the interpreted
+    kernels), opaque to torch.compile (``_library``)."""
     with no_autocast(x):
         if _kernel_path(x):
-            from tempo_ds.kernels import gelu as kernel
-
-            y, packed = kernel.forward(x, approximate)
-            return y.view(x.shape), packed
+            return _triton_forward(x, approximate)
         # F.gelu itself (an out= into another layout can take another, differently rounding CPU loop);
         # a non-contiguous x costs one copy so the output's layout is known to the fake implementation
         y = F.gelu(x, approximate=approximate).contiguous()
         return y, pack_bits(x >= branch_threshold(approximate, x.dtype), 1)
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _(x, approximate):
     return x.new_empty(x.shape), x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{LIB}::inplace_gelu_bwd", mutates_args=())
-def _bwd(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
-    """``dy * GELU'(GELU^-1(y))`` on the branch in ``packed``: y's shape and dtype, contiguous."""
+@torch.library.custom_op(f"{LIB}::inplace_gelu_bwd_opaque", mutates_args=())
+def _bwd_opaque(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``dy * GELU'(GELU^-1(y))`` on the branch in ``packed``: the PyTorch path (or the interpreted kernels)."""
     with no_autocast(y):
         if _kernel_path(y):
-            from tempo_ds.kernels import gelu as kernel
-
-            return kernel.backward(y, packed, dy, approximate).view(y.shape)
+            return _triton_backward(y, packed, dy, approximate)
         return _grad_from_output(y, packed, dy, approximate).view(y.shape)
 
 
-@_bwd.register_fake
+@_bwd_opaque.register_fake
 def _(y, packed, dy, approximate):
     return y.new_empty(y.shape)
+
+
+def _kernels():
+    from tempo_ds.kernels import gelu as kernel
+
+    return kernel._forward_kernel, kernel._backward_kernel
+
+
+@triton_op(f"{LIB}::inplace_gelu_fwd", kernels=_kernels)
+def _fwd(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(GELU(x) contiguous, packed branch bits uint8 [ceil(n / 8)])``: the kernel launch itself on CUDA
+    (visible to torch.compile), the opaque op elsewhere."""
+    if kernels_visible(x) and _kernel_path(x):
+        with no_autocast(x):
+            return _triton_forward(x, approximate)
+    return _fwd_opaque(x, approximate)
+
+
+@triton_op(f"{LIB}::inplace_gelu_bwd", kernels=_kernels)
+def _bwd(y: torch.Tensor, packed: torch.Tensor, dy: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``dy * GELU'(GELU^-1(y))`` on the branch in ``packed``: y's shape and dtype, contiguous."""
+    if kernels_visible(y) and _kernel_path(y):
+        with no_autocast(y):
+            return _triton_backward(y, packed, dy, approximate)
+    return _bwd_opaque(y, packed, dy, approximate)
 
 
 def _setup_context(ctx, inputs, output):
