@@ -22,7 +22,9 @@ Engine) GPT and BERT layer specs of megatron-core 0.16 with three substitutions:
   softmax, the dropout mask and the dropped probabilities: three ``b * heads * s * s`` tensors). Dropout
   is ``config.attention_dropout`` (or the ``attention_dropout`` argument) in training mode only, its
   mask regenerated from a seed. A fully masked row gives 0 here (Megatron's -10000 fill gives a uniform
-  row); ``packed_seq_params`` and ``attention_bias`` must be None, as in ``DotProductAttention``.
+  row); ``packed_seq_params`` and ``attention_bias`` must be None, as in ``DotProductAttention``. What the
+  mask holds is decided from ``attn_mask_type`` and shapes, never by reading it on the host (a causal type
+  ignores the mask, as Megatron's fused softmax does; ``_mask_and_causal``).
 
 Usage (the three lines a Megatron user adds)::
 
@@ -43,8 +45,9 @@ saves only the output and the log-sum-exp on top of it (the output is kept anywa
 in ``[s, b, h]`` layout, a second copy when ``b > 1``), at the cost of a second attention forward.
 With the tempo spec, leave ``core_attn`` out of ``recompute_modules`` (keep ``layernorm`` / ``mlp``
 recompute as you like: tempo's norm and GELU recompute exactly, their dropout-free outputs being
-deterministic; the attention dropout seed comes from the CPU generator, which Megatron's checkpoint
-restores, so a recompute draws the same mask).
+deterministic; the attention dropout seed is drawn, on CUDA, under Megatron's CUDA RNG tracker as
+``DotProductAttention`` draws its dropout, and on CPU from the CPU generator, both of which Megatron's
+checkpoint restores, so a recompute draws the same mask).
 
 Transformer Engine
 ------------------
@@ -61,7 +64,9 @@ megatron-core is imported lazily: importing ``tempo_ds`` (or this module) never 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 import sys
 from typing import Optional
 
@@ -197,39 +202,15 @@ def _attention_class():
                 raise ValueError("TempoDotProductAttention does not support attention_bias")
             mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
             sq, sk = query.shape[0], key.shape[0]
-            causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-            if mask_type == AttnMaskType.causal_bottom_right:
-                if sq != sk:
-                    raise ValueError("TempoDotProductAttention: causal_bottom_right needs sq == sk")
-                causal = True
-            elif mask_type not in (AttnMaskType.causal, AttnMaskType.padding, AttnMaskType.padding_causal,
-                                   AttnMaskType.no_mask, AttnMaskType.arbitrary):
-                raise ValueError(f"TempoDotProductAttention: attn_mask_type {mask_type} is not supported")
-            if causal and sq == 1:
-                causal = False  # one query (KV cache / single token): it sees every key, as in Megatron
-            attend = None
-            if attention_mask is not None and mask_type != AttnMaskType.no_mask:
-                if attention_mask.dtype != torch.bool:
-                    raise TypeError("TempoDotProductAttention: attention_mask must be boolean "
-                                    "(True = masked out), as Megatron's attention_mask_func expects")
-                attend = ~attention_mask
-                from tempo_ds.ops.attention import compact_mask
-
-                if attend.dim() == 4 and attend.shape[1] == 1:
-                    attend, causal_in_mask = compact_mask(attend, causal_allowed=sq == sk)
-                    causal = causal or causal_in_mask
+            attend, causal = _mask_and_causal(attention_mask, mask_type, AttnMaskType, sq, sk)
             # [s, b, n, d] -> [b, n, s, d] (views; grouped-query k/v keep their own head count)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
             p = self.dropout_p if self.training else 0.0
             run = lambda: attention(q, k, v, attn_mask=attend, dropout_p=p, is_causal=causal,  # noqa: E731
                                     scale=self.softmax_scale, mode=self.tempo_mode,
                                     block_size=self.tempo_block_size)
-            if p > 0 and self.tp_group.size() > 1:
-                # Every tensor-parallel rank shares the CPU generator: give each rank its own dropout stream
-                # (drawn deterministically, so a checkpoint recompute, which restores that generator, repeats it).
-                base = int(torch.randint(0, 2**31 - 1, (1,)).item())
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(base + 7919 * self.tp_group.rank())
+            if p > 0:
+                with _dropout_stream(q.device, self.config, self.tp_group):
                     out = run()
             else:
                 out = run()
@@ -240,6 +221,92 @@ def _attention_class():
         sharded_state_dict = DotProductAttention.sharded_state_dict
 
     return TempoDotProductAttention
+
+
+def _mask_and_causal(attention_mask, mask_type, AttnMaskType, sq: int, sk: int):
+    """``(attend, is_causal)`` for ``tempo_ds.ops.attention`` from Megatron's ``attention_mask`` (boolean, True =
+    masked out, or None) and ``attn_mask_type``, decided from the type and shapes only (no value is read):
+
+    * ``causal`` / ``causal_bottom_right``: is_causal and no mask. Megatron's mask is then the causal
+      triangle, which its fused softmax (``scaled_upper_triang_masked_softmax``), Transformer Engine and flash
+      attention ignore too; put other structure (per-document masks) in a ``padding_causal`` or
+      ``arbitrary`` mask. With ``sq != sk`` (a cache continuation) a given mask is used as it is, without
+      is_causal, as Megatron's unfused softmax does;
+    * ``padding`` / ``arbitrary``: the mask as it is ([b, 1, 1, sk] row or [b, 1, sq, sk]), inverted;
+    * ``padding_causal``: the same mask and is_causal;
+    * ``no_mask``: neither.
+
+    One query (``sq == 1``) is never causal (it sees every key, as in Megatron). The inverted mask is shared by
+    every layer that receives the same unmodified mask (:func:`_attend_mask`), so it is kept once."""
+    if mask_type == AttnMaskType.causal_bottom_right and sq != sk:
+        raise ValueError("TempoDotProductAttention: causal_bottom_right needs sq == sk")
+    if mask_type not in (AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding,
+                         AttnMaskType.padding_causal, AttnMaskType.no_mask, AttnMaskType.arbitrary):
+        raise ValueError(f"TempoDotProductAttention: attn_mask_type {mask_type} is not supported")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise TypeError("TempoDotProductAttention: attention_mask must be boolean (True = masked out), as "
+                        "Megatron's attention_mask_func expects")
+    causal = sq > 1 and mask_type in (AttnMaskType.causal, AttnMaskType.causal_bottom_right,
+                                      AttnMaskType.padding_causal)
+    if attention_mask is None or mask_type == AttnMaskType.no_mask:
+        return None, causal
+    if mask_type in (AttnMaskType.causal, AttnMaskType.causal_bottom_right):
+        if sq == sk or sq == 1:
+            return None, causal
+        return _attend_mask(attention_mask), False
+    return _attend_mask(attention_mask), causal
+
+
+_INVERTED: list = [None, -1, None]  # weak reference to Megatron's last mask, its version counter, ~mask
+
+
+def _forget(source: weakref.ref) -> None:
+    if _INVERTED[0] is source:
+        _INVERTED[:] = [None, -1, None]
+
+
+def _attend_mask(masked_out: torch.Tensor) -> torch.Tensor:
+    """``~masked_out`` (tempo's convention: True = attend), the same tensor for every layer of a forward pass
+    while Megatron hands them the same unmodified mask: the attention keeps its mask for backward, and one
+    inversion per layer would keep one copy per layer. The inversion is held only while Megatron's mask lives
+    (a weak reference whose callback drops it), and decided from identity and version, never from values."""
+    if torch.compiler.is_compiling():
+        return ~masked_out
+    source, version, value = _INVERTED
+    if source is not None and source() is masked_out and version == masked_out._version:
+        return value
+    value = ~masked_out
+    _INVERTED[:] = [weakref.ref(masked_out, _forget), masked_out._version, value]
+    return value
+
+
+def _dropout_stream(device: torch.device, config, tp_group):
+    """The generator state the attention's dropout seed is drawn under (checkpoint recompute repeats it):
+
+    * CUDA: Megatron's CUDA RNG tracker (``get_cuda_rng_tracker().fork()``, the ``model-parallel-rng`` stream,
+      one per tensor-parallel rank) unless ``config.sequence_parallel``, exactly where Megatron's
+      ``DotProductAttention`` draws its dropout; its ``tensor_parallel.checkpoint`` restores the tracker;
+    * CPU with tensor parallelism: the CPU generator, re-seeded per rank inside ``fork_rng`` (so the ranks'
+      streams differ and the global state is untouched): the base seed is read from the CPU generator, a host
+      value, not a device sync;
+    * otherwise the device's default generator as it is."""
+    if device.type == "cuda":
+        if getattr(config, "sequence_parallel", False):
+            return contextlib.nullcontext()
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+    if tp_group.size() > 1:
+        return _cpu_rank_stream(tp_group.rank())
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _cpu_rank_stream(rank: int):
+    base = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the CPU generator's: no device sync
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(base + 7919 * rank)
+        yield
 
 
 def _class(name: str) -> type:

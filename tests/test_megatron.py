@@ -314,3 +314,61 @@ def test_config_variants_run(overrides):
 def test_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         tm.tempo_layer_spec(kind="t5")
+
+
+def test_padding_masks_are_kept_once_and_nothing_is_read_on_the_host():
+    """BERT-kind spec (padding type): Megatron's [b, 1, s, s] mask and a [b, 1, 1, s] row are used as they are
+    (decided from attn_mask_type and shapes), inverted once for both layers: layer 0 keeps b*s*s (or b*s)
+    bytes more than without a mask, layer 1 nothing more. Forward and backward read no tensor on the host."""
+    from test_ops_syncfree import NoHostReads
+
+    model = build(tm.tempo_layer_spec(kind="bert"))
+    ids, pos, _, labels = batch()
+    full = torch.zeros(B, 1, S, S, dtype=torch.bool)
+    full[1, :, :, 11:] = True
+    row = full[:, :, :1].clone()
+
+    def per_layer(mask):
+        with SavedTensorMeter(model) as m:
+            model(ids, pos, mask, labels=labels).mean()
+        return m.per_layer
+
+    none = per_layer(None)
+    assert [a - b for a, b in zip(per_layer(full), none)] == [B * S * S, 0]
+    assert [a - b for a, b in zip(per_layer(row), none)] == [B * S, 0]
+    loss = model(ids, pos, full, labels=labels).mean()
+    loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with NoHostReads():
+        model(ids, pos, full, labels=labels).mean().backward()
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+def test_causal_type_ignores_the_mask_and_the_cpu_rank_stream_leaves_the_generator_alone():
+    """A causal type runs is_causal without a mask, whatever the mask holds (as Megatron's fused softmax); a
+    padding_causal mask is used with is_causal. The tensor-parallel CPU dropout stream draws one base seed from
+    the CPU generator, gives each rank its own stream and leaves the global state as one draw left it."""
+    from megatron.core.transformer.enums import AttnMaskType as T
+
+    mask = torch.rand(B, 1, S, S) > 0.5
+    assert tm._mask_and_causal(mask, T.causal, T, S, S) == (None, True)
+    assert tm._mask_and_causal(mask, T.causal, T, 1, S) == (None, False)
+    assert tm._mask_and_causal(None, T.no_mask, T, S, S) == (None, False)
+    for kind, causal in ((T.padding, False), (T.padding_causal, True), (T.arbitrary, False)):
+        attend, is_causal = tm._mask_and_causal(mask, kind, T, S, S)
+        assert is_causal is causal and torch.equal(attend, ~mask)
+        assert tm._mask_and_causal(mask, kind, T, S, S)[0] is attend  # one inversion for every layer
+    del mask, attend
+    assert tm._INVERTED == [None, -1, None]  # released with Megatron's mask
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(3)
+        with tm._cpu_rank_stream(rank):
+            draws.append(torch.rand(4))
+        after = torch.rand(1)
+        torch.manual_seed(3)
+        torch.randint(0, 2**31 - 1, (1,))
+        assert torch.equal(after, torch.rand(1))
+    assert not torch.equal(draws[0], draws[1])

@@ -72,7 +72,7 @@ from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed, no_autocast
 from tempo_ds.ops.attention_dispatch import AttentionCall, choose_backend
 from tempo_ds.ops.dropout import fill_keep_mask
 
-__all__ = ["attention", "plan_for", "compact_mask"]
+__all__ = ["attention", "plan_for"]
 
 MODES = ("lean", "tempo")
 SCORE_BLOCK_ELEMENTS = 1 << 20  # default block: ~1M scores (4 MiB in float32) over all heads at once
@@ -558,26 +558,6 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     B, H, Sq, _ = q.shape
     block = int(block_size or _default_block(B, H, Sq, k.shape[2]))
     return _lean_fwd(q, k, v, attn_mask, seed, causal, scale, p, block, backend == "triton")[0]
-
-
-def compact_mask(mask: torch.Tensor | None, causal_allowed: bool) -> tuple[torch.Tensor | None, bool]:
-    """Reduce a 4-D boolean ``[b, 1, s_q, s_k]`` mask to ``(padding row [b, 1, 1, s_k] or None, is_causal)``
-    when that is exactly what it holds (checked elementwise); otherwise return it unchanged.
-
-    This reads the mask's values on the host (a device sync, and a graph break under ``torch.compile``):
-    transformers models never come here - their masks are built compact by ``tempo_ds.hf_attention`` - it
-    remains for callers that receive only a materialized mask (Megatron's ``TempoDotProductAttention``)."""
-    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2] == 1:
-        return mask, False
-    row = mask[..., -1:, :].clone()  # not a view: a view would keep the whole s x s mask alive
-    if bool((mask == row).all()):
-        return (None if bool(row.all()) else row), False
-    q, k = mask.shape[-2:]
-    if causal_allowed and q == k:
-        tril = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_()
-        if bool((mask == (tril & row)).all()):
-            return (None if bool(row.all()) else row), True
-    return mask, False
 
 
 def __getattr__(name):
