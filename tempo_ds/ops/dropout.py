@@ -15,8 +15,9 @@ rather than through ``save_for_backward`` so that "nothing saved" stays the mete
 activation, the same value comes back from any recompute, and 8 bytes cannot leak). ``F.dropout`` keeps a
 mask of the input's size (one byte per element on CUDA, one input-dtype element on CPU).
 
-The op is the ``torch.library`` custom op ``tempo_ds::seed_dropout_fwd(x, seed, p)`` with a fake
-implementation; its backward is the same op applied to the gradient, so it is differentiable again. The
+The op is ``tempo_ds::seed_dropout_fwd(x, seed, p)``, a triton op (``tempo_ds.ops._library``): on CUDA
+torch.compile sees the kernel launch, elsewhere it calls the opaque ``tempo_ds::seed_dropout_fwd_opaque``
+(the chunked PyTorch path, or the interpreted kernel). Its backward is the same op applied to the gradient, so it is differentiable again. The
 seed is drawn in the wrapper and reaches the op as a tensor: nothing reads it on the host (DESIGN.md
 section 5, rules 10-11), so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through.
 
@@ -36,7 +37,7 @@ import torch
 
 from tempo_ds.ops import _rng
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB, draw_seed
+from tempo_ds.ops._library import LIB, draw_seed, kernels_visible, triton_op
 
 __all__ = ["seed_dropout", "fill_keep_mask"]
 
@@ -77,7 +78,7 @@ def kernel_seed(kernel_module, seed):
 def apply_seed_mask(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """``x * keep / (1 - p)`` with ``keep`` regenerated from ``seed`` (int or 1-element int64 tensor): a new
     contiguous tensor of x's shape."""
-    if x.dtype != torch.float64 and use_triton(x):  # the kernel scales in float32
+    if _kernel_path(x):
         from tempo_ds.kernels import dropout as kernel
 
         return kernel.apply_seed_mask(x, p, kernel_seed(kernel, seed))
@@ -94,15 +95,36 @@ def apply_seed_mask(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op(f"{LIB}::seed_dropout_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``x * keep(seed) / (1 - p)``: a new contiguous tensor of x's shape and dtype."""
+def _kernel_path(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float64 and use_triton(x)  # the kernel scales in float32
+
+
+@torch.library.custom_op(f"{LIB}::seed_dropout_fwd_opaque", mutates_args=())
+def _fwd_opaque(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``x * keep(seed) / (1 - p)`` by the chunked PyTorch path (or the interpreted kernel), opaque to
+    torch.compile."""
     return apply_seed_mask(x, p, seed)
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _(x, seed, p):
     return x.new_empty(x.shape)
+
+
+def _kernels():
+    from tempo_ds.kernels import dropout as kernel
+
+    return (kernel._seed_dropout_kernel,)
+
+
+@triton_op(f"{LIB}::seed_dropout_fwd", kernels=_kernels)
+def _fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``x * keep(seed) / (1 - p)``: a new contiguous tensor of x's shape and dtype."""
+    if kernels_visible(x) and _kernel_path(x):
+        from tempo_ds.kernels import dropout as kernel
+
+        return kernel.apply_seed_mask(x, p, seed)
+    return _fwd_opaque(x, seed, p)
 
 
 def _setup_context(ctx, inputs, output):

@@ -44,8 +44,9 @@ temporaries; it packs with uint8 / int32 arithmetic into exactly the layout of
 ``tempo_ds.ops._bits.pack_bits``. The Triton path handles fp16/bf16/fp32 on CUDA.
 
 Custom ops: ``tempo_ds::fewbit_fwd(x, name, bits, borders, levels, band, nan_code) -> (y, packed)`` and
-``tempo_ds::fewbit_bwd(grad, packed, levels, bits) -> grad_in``, the table passed as lists of floats, with
-fake implementations, joined by ``register_autograd``; both run with autocast off (the activation is
+``tempo_ds::fewbit_bwd(grad, packed, levels, bits) -> grad_in``, the table passed as lists of floats: triton
+ops (``tempo_ds.ops._library``: on CUDA torch.compile sees the kernel launches, elsewhere they call the opaque
+``fewbit_fwd_opaque`` / ``fewbit_bwd_opaque``), joined by ``register_autograd``; both run with autocast off (the activation is
 computed in x's dtype, as the ``torch.nn`` modules are on CPU). The output is always contiguous.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ import torch
 from tempo_ds.fewbit import functions, tables
 from tempo_ds.ops._bits import packed_nbytes
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB, no_autocast
+from tempo_ds.ops._library import LIB, device_constant, kernels_visible, no_autocast, triton_op
 
 __all__ = ["fewbit", "FewBitFunction", "FewBitSpec", "resolve", "reference_backward"]
 
@@ -141,9 +142,8 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=256)
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return device_constant(values, dtype, device)
 
 
 def _exact_forward(x: torch.Tensor, spec: FewBitSpec) -> torch.Tensor:
@@ -217,14 +217,29 @@ def _lookup_table(values: tuple, bits: int, dtype: torch.dtype, device: torch.de
     return _constant(values, dtype, device)[codes]
 
 
-def _forward(x: torch.Tensor, spec: FewBitSpec, save: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if use_triton(x) and x.dtype != torch.float64:
-        from tempo_ds.kernels import fewbit as kernel
+def _kernel_path(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype != torch.float64
 
-        borders = _constant(spec.borders, torch.float32, x.device)
-        y, packed = kernel.forward(x.contiguous(), spec.name, spec.params, borders, spec.band, spec.nan_code,
-                                   spec.bits, save)
-        return y.view(x.shape), packed
+
+def _triton_forward(x: torch.Tensor, spec: FewBitSpec, save: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from tempo_ds.kernels import fewbit as kernel
+
+    borders = _constant(spec.borders, torch.float32, x.device)
+    y, packed = kernel.forward(x.contiguous(), spec.name, spec.params, borders, spec.band, spec.nan_code,
+                               spec.bits, save)
+    return y.view(x.shape), packed
+
+
+def _triton_backward(grad: torch.Tensor, packed: torch.Tensor, spec: FewBitSpec) -> torch.Tensor:
+    from tempo_ds.kernels import fewbit as kernel
+
+    levels = _constant(spec.levels, torch.float32, grad.device)
+    return kernel.backward(grad.contiguous(), packed, levels, spec.bits).view(grad.shape)
+
+
+def _forward(x: torch.Tensor, spec: FewBitSpec, save: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _kernel_path(x):
+        return _triton_forward(x, spec, save)
     y = _exact_forward(x, spec)
     if not save:
         return y, None
@@ -239,11 +254,9 @@ def _forward(x: torch.Tensor, spec: FewBitSpec, save: bool) -> tuple[torch.Tenso
 
 
 def _backward(grad: torch.Tensor, packed: torch.Tensor, spec: FewBitSpec) -> torch.Tensor:
+    if _kernel_path(grad):
+        return _triton_backward(grad, packed, spec)
     levels = _constant(spec.levels, _opmath(grad.dtype), grad.device)
-    if use_triton(grad) and grad.dtype != torch.float64:
-        from tempo_ds.kernels import fewbit as kernel
-
-        return kernel.backward(grad.contiguous(), packed, levels, spec.bits).view(grad.shape)
     flat = grad.reshape(-1)
     n = flat.numel()
     out = torch.empty(n, dtype=grad.dtype, device=grad.device)
@@ -275,30 +288,57 @@ def _spec(name, bits, borders, levels, band, nan_code) -> FewBitSpec:
     return FewBitSpec(name, bits, tuple(borders), tuple(levels), band, nan_code)
 
 
-@torch.library.custom_op(f"{LIB}::fewbit_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, name: str, bits: int, borders: list[float], levels: list[float], band: bool,
-         nan_code: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f(x) contiguous, packed codes uint8 [ceil(n * bits / 8)])``."""
+@torch.library.custom_op(f"{LIB}::fewbit_fwd_opaque", mutates_args=())
+def _fwd_opaque(x: torch.Tensor, name: str, bits: int, borders: list[float], levels: list[float], band: bool,
+                nan_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(x) contiguous, packed codes)`` by the PyTorch path (or the interpreted kernel), opaque to
+    torch.compile."""
     with no_autocast(x):
         y, packed = _forward(x, _spec(name, bits, borders, levels, band, nan_code), save=True)
         return y.contiguous(), packed
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _(x, name, bits, borders, levels, band, nan_code):
     return x.new_empty(x.shape), x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{LIB}::fewbit_bwd", mutates_args=())
-def _bwd(grad: torch.Tensor, packed: torch.Tensor, levels: list[float], bits: int) -> torch.Tensor:
-    """``grad * level[code]`` (an exact 0 where the level is 0): grad's shape and dtype, contiguous."""
+@torch.library.custom_op(f"{LIB}::fewbit_bwd_opaque", mutates_args=())
+def _bwd_opaque(grad: torch.Tensor, packed: torch.Tensor, levels: list[float], bits: int) -> torch.Tensor:
+    """``grad * level[code]`` by the PyTorch path (or the interpreted kernel), opaque to torch.compile."""
     with no_autocast(grad):
         return _backward(grad, packed, FewBitSpec("", bits, (), tuple(levels), False, 0)).contiguous()
 
 
-@_bwd.register_fake
+@_bwd_opaque.register_fake
 def _(grad, packed, levels, bits):
     return grad.new_empty(grad.shape)
+
+
+def _kernels():
+    from tempo_ds.kernels import fewbit as kernel
+
+    return kernel._fewbit_fwd_kernel, kernel._fewbit_bwd_kernel
+
+
+@triton_op(f"{LIB}::fewbit_fwd", kernels=_kernels)
+def _fwd(x: torch.Tensor, name: str, bits: int, borders: list[float], levels: list[float], band: bool,
+         nan_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(x) contiguous, packed codes uint8 [ceil(n * bits / 8)])``: the kernel launch on CUDA (visible to
+    torch.compile), the opaque op elsewhere."""
+    if kernels_visible(x) and _kernel_path(x):
+        with no_autocast(x):
+            return _triton_forward(x, _spec(name, bits, borders, levels, band, nan_code), save=True)
+    return _fwd_opaque(x, name, bits, borders, levels, band, nan_code)
+
+
+@triton_op(f"{LIB}::fewbit_bwd", kernels=_kernels)
+def _bwd(grad: torch.Tensor, packed: torch.Tensor, levels: list[float], bits: int) -> torch.Tensor:
+    """``grad * level[code]`` (an exact 0 where the level is 0): grad's shape and dtype, contiguous."""
+    if kernels_visible(grad) and _kernel_path(grad):
+        with no_autocast(grad):
+            return _triton_backward(grad, packed, FewBitSpec("", bits, (), tuple(levels), False, 0))
+    return _bwd_opaque(grad, packed, levels, bits)
 
 
 def _setup_context(ctx, inputs, output):
