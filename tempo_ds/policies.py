@@ -122,12 +122,17 @@ class Policy:
 
     def _plan_gated_mlp(self, name, module, cfg, plan) -> bool:
         """A whole gated MLP (any family: recognised by structure) fused into its down projection."""
-        from .nn.gated_mlp import GatedMLP, moe_experts_reason
+        from .nn.gated_mlp import GatedMLP
+        from .nn.moe_experts import MoEExperts, is_moe_experts
 
-        reason = moe_experts_reason(module)
-        if reason is not None:
-            plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: {reason}"))
-            return False
+        if is_moe_experts(module):  # transformers 5's 3-D experts: keep only the routed gate_up outputs
+            try:
+                lean = MoEExperts.from_module(module)
+            except TypeError as exc:
+                plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: MoE experts: {exc}"))
+                return False
+            plan.swaps.append(Swap(name, module, lean, "mlp=recompute"))
+            return True
         try:
             fused = GatedMLP.from_module(module)
         except TypeError as exc:
@@ -311,9 +316,10 @@ def _is_candidate(module: nn.Module) -> bool:
 
 
 def _is_gated_candidate(module: nn.Module) -> bool:
-    from .nn.gated_mlp import is_gated_mlp_candidate, moe_experts_reason
+    from .nn.gated_mlp import is_gated_mlp_candidate
+    from .nn.moe_experts import is_moe_experts
 
-    return is_gated_mlp_candidate(module) or moe_experts_reason(module) is not None
+    return is_gated_mlp_candidate(module) or is_moe_experts(module)
 
 
 def _skipper(cfg: TempoConfig):

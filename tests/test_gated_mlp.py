@@ -14,6 +14,7 @@ from helpers import assert_checkpoint_matches, assert_within_2x_of_torch, spied_
 from tempo_ds.config import TempoConfig
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import GatedMLP
+from tempo_ds.nn.moe_experts import MoEExperts
 from tempo_ds.ops import gated_mlp
 
 ACTS = ["silu", "gelu_tanh"]
@@ -276,13 +277,14 @@ def _loss_and_grads(model, batch):
 def test_family_fp32_loss_and_every_gradient_equal_hf(family):
     """mlp=recompute alone (the other techniques off) on each family's real classes: every dense gated MLP is
     fused, loss and every parameter gradient equal the untouched model's bit for bit, state_dict keys and
-    Parameter objects are kept. MoE experts stored as 3-D Parameters are reported, not touched."""
+    Parameter objects are kept. MoE experts stored as 3-D Parameters become MoEExperts (tests/test_moe_experts.py)."""
     plain = _family(family)
     lean = copy.deepcopy(plain)
     off = {k: "off" for k in TempoConfig().techniques()}
     report = tempo_ds.inject(lean, **{**off, "mlp": "recompute"})
     fused = [s for s in report.replaced if s.technique == "mlp=recompute"]
-    experts = [s for s in report.skipped if s.reason.startswith("mlp=recompute: MoE experts")]
+    experts = [s for s in fused if isinstance(s.new, MoEExperts)]
+    fused = [s for s in fused if not isinstance(s.new, MoEExperts)]
     if family == "mixtral":
         assert not fused and len(experts) == 1
     else:

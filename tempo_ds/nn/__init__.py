@@ -8,10 +8,11 @@ from .gated_mlp import GatedDownProjection, GatedMLP
 from .gelu import InplaceGELU
 from .gelu_linear import GeluLinear
 from .layer_norm import InplaceCohereLayerNorm, InplaceLayerNorm
+from .moe_experts import MoEExperts
 from .norm_families import inplace_norm
 from .rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm
 
-__all__ = ["LeanAttention", "SeedDropout", "GatedMLP", "GatedDownProjection", "InplaceGELU", "GeluLinear",
+__all__ = ["LeanAttention", "SeedDropout", "GatedMLP", "GatedDownProjection", "MoEExperts", "InplaceGELU", "GeluLinear",
            "InplaceLayerNorm", "InplaceRMSNorm", "InplaceGemmaRMSNorm", "InplaceCohereLayerNorm", "inplace_norm",
            "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
            "FewBitELU", "FewBitCELU", "FewBitSELU", "FewBitMish", "FewBitLogSigmoid", "FewBitSoftsign",

@@ -25,7 +25,7 @@ from torch import nn
 
 from tempo_ds.ops.gated_mlp import check_activation, gated_mlp
 
-__all__ = ["GatedMLP", "GatedDownProjection", "gated_activation", "is_gated_mlp_candidate", "moe_experts_reason"]
+__all__ = ["GatedMLP", "GatedDownProjection", "gated_activation", "is_gated_mlp_candidate"]
 
 _DENSE = ("gate_proj", "up_proj", "down_proj")
 _FUSED = ("gate_up_proj", "down_proj")
@@ -182,18 +182,6 @@ def is_gated_mlp_candidate(module: nn.Module) -> bool:
         return False
     names = set(dict(module.named_children()))
     return set(_DENSE) <= names or set(_FUSED) <= names
-
-
-def moe_experts_reason(module: nn.Module) -> str | None:
-    """Why a transformers-5 MoE experts module (``gate_up_proj`` / ``down_proj`` as 3-D Parameters, one slice
-    per expert; Mixtral, Qwen2/3-MoE, ...) is left alone, or None for any other module."""
-    params = module._parameters
-    if not any(isinstance(params.get(n), torch.Tensor) and params[n].dim() == 3 for n in ("gate_up_proj", "down_proj")):
-        return None
-    return ("MoE experts stored as 3-D Parameters run through transformers' ExpertsInterface (grouped_mm by "
-            "default, or a per-expert loop); their down projection is not an nn.Linear this op can fuse into "
-            "exactly, so each expert's act(gate) * up is kept as HF keeps it (dense gated MLPs of the same "
-            "model, e.g. shared experts, are fused)")
 
 
 # -- recognising the forward -----------------------------------------------------------------------------

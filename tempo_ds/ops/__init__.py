@@ -10,7 +10,8 @@ from .gelu import inplace_gelu
 from .gelu_linear import gelu_linear
 from .layer_norm import inplace_layer_norm
 from .linear_cross_entropy import linear_cross_entropy
+from .moe_experts import moe_experts
 from .rms_norm import inplace_rms_norm
 
 __all__ = ["attention", "fewbit", "gated_mlp", "gelu_linear", "inplace_gelu", "inplace_layer_norm",
-           "inplace_rms_norm", "linear_cross_entropy", "seed_dropout"]
+           "inplace_rms_norm", "linear_cross_entropy", "moe_experts", "seed_dropout"]
