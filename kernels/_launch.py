@@ -11,6 +11,10 @@ device tensors and tiles that fit the device's shared memory.
 * :func:`shared_memory_limit` is the per-block shared memory (opt-in maximum) a kernel may use on a device;
   the block-size choices of the kernels take it as an argument, so they stay pure functions that the
   ahead-of-time compile check (``tempo_ds.kernels.aot``) can call with the figure of any target.
+  :func:`multiprocessor_count` is the device's SM count (grids sized per SM).
+* Both read the driver on a machine with CUDA. Without one, a CUDA launch can still be *traced* (fake CUDA
+  tensors: ``torch.compile``/``make_fx`` of the CUDA path on a CPU-only host, as ``tests/test_triton_op.py``
+  does); the launch then takes the figures of ``TRACE_ARCH`` (an H100/H200, sm_90).
 """
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import functools
 
 import torch
 
-__all__ = ["SHARED_MEMORY", "launcher", "seed_tensor", "shared_memory_limit"]
+__all__ = ["SHARED_MEMORY", "launcher", "multiprocessor_count", "seed_tensor", "shared_memory_limit"]
 
 # Per-block shared memory (opt-in maximum, bytes) by compute capability: what a kernel may ask for.
 SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 # The CPU interpreter has no limit of its own; it runs the tiles an A100 (sm_80) would, so the tests run
 # the tile sizes of the CUDA path.
 INTERPRETER_ARCH = 80
+# A CUDA launch traced on a host without CUDA (fake tensors) is sized for this target: sm_90, 132 SMs.
+TRACE_ARCH, TRACE_MULTIPROCESSORS = 90, 132
 
 
 def launcher(kernel):
@@ -54,6 +60,10 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_shared_memory(index: int) -> int:
     try:
@@ -69,5 +79,15 @@ def shared_memory_limit(device: torch.device) -> int:
     the driver; sm_80's for the CPU interpreter."""
     device = torch.device(device)
     if device.type == "cuda":
-        return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+        if not torch.cuda.is_available():
+            return SHARED_MEMORY[TRACE_ARCH]
+        return _cuda_shared_memory(_index(device))
     return SHARED_MEMORY[INTERPRETER_ARCH]
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (``TRACE_MULTIPROCESSORS`` where CUDA is absent)."""
+    device = torch.device(device)
+    if not torch.cuda.is_available():
+        return TRACE_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(_index(device)).multi_processor_count

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tempo_ds.kernels._launch import launcher
+from tempo_ds.kernels._launch import launcher, multiprocessor_count
 from tempo_ds.kernels._spec import POINTER, SHORT, spec
 
 # One row must fit in one block: 64 KB of the widest dtype, as in the tutorial.
@@ -183,7 +183,7 @@ def _launch(n: int, backward: bool = False) -> tuple[int, int]:
 def _programs(m: int, device: torch.device) -> int:
     """Backward programs: about two per streaming multiprocessor (a few under the CPU interpreter)."""
     if device.type == "cuda":
-        return max(1, min(m, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(m, 2 * multiprocessor_count(device)))
     return max(1, min(m, 4))
 
 

@@ -83,8 +83,9 @@ of ``|dw|``. Max abs error against float64, as a ratio to PyTorch's CPU op (2048
 the correctly rounded result instead, float16/bfloat16 dx is 1.01 and dw 1.02-1.10 at that size, and dw
 up to 3x on small shapes (13-512 rows x 37), where a correctly rounded result can be luckily exact.
 
-The ops: ``tempo_ds::inplace_layer_norm_fwd`` and ``_bwd``, ``torch.library`` custom ops with fake
-implementations joined by ``register_autograd`` (``tempo_ds.ops._library``). Nothing in forward or
+The ops: ``tempo_ds::inplace_layer_norm_fwd`` and ``_bwd``, triton ops joined by ``register_autograd``
+(``tempo_ds.ops._library``): on CUDA torch.compile sees the column ranking and the kernel launches, elsewhere
+they call the opaque ``_fwd_opaque`` / ``_bwd_opaque`` (aten's fused kernels, numerics pinned). Nothing in forward or
 backward reads a device value on the host, so ``torch.compile(fullgraph=True)`` and ``torch.export``
 trace through. Under ``no_grad`` (e.g. a reentrant checkpoint's first pass) nothing is ranked, gathered
 or saved.
@@ -102,7 +103,7 @@ from typing import Optional, Sequence
 import torch
 
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB, no_autocast
+from tempo_ds.ops._library import LIB, kernels_visible, no_autocast, triton_op
 from tempo_ds.ops._zero import gathered
 
 __all__ = ["inplace_layer_norm", "output_is_invertible", "column_scores", "side_columns", "BIAS_RATIO_LIMIT",
@@ -228,35 +229,39 @@ def _stat_shape(x: torch.Tensor, k: int) -> tuple[int, ...]:
 SAVES = ("none", "output", "input")
 
 
-@torch.library.custom_op(f"{LIB}::inplace_layer_norm_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalized_shape: list[int],
-         eps: float, save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd, side, idx)``: y contiguous of x's shape and dtype; rstd [M]; mean [M] only when
-    ``save == "input"`` (else [0]); side [M, K] and idx [K] only when ``save == "output"`` (else K = 0)."""
+def _triton_forward(x, weight, bias, n: int, eps: float, save: str, k: int):
+    """``(y, mean, rstd, side, idx)`` from the kernel, which writes the side buffer itself."""
+    from tempo_ds.kernels import layer_norm as kernel
+
+    x2 = x.reshape(-1, n)
+    side, idx = side_columns_of(x2, weight, bias, x.dtype, k)
+    y2, mean, rstd = kernel.norm_forward(
+        x2.contiguous(), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n),
+        eps, rms=False, out_dtype=x.dtype, store_mean=save == "input", side=side, idx=idx)
+    return y2.view(x.shape), (mean if save == "input" else rstd.new_empty(0)), rstd, side, idx
+
+
+@torch.library.custom_op(f"{LIB}::inplace_layer_norm_fwd_opaque", mutates_args=())
+def _fwd_opaque(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                normalized_shape: list[int], eps: float,
+                save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_fwd`` by aten's kernels (or the interpreted Triton kernel), opaque to torch.compile."""
     n = math.prod(normalized_shape)
     k = side_columns(n, weight is not None or bias is not None) if save == "output" else 0
     with no_autocast(x):
-        x2 = x.reshape(-1, n)
         if fits_kernel(x, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            side, idx = side_columns_of(x2, weight, bias, x.dtype, k)
-            y2, mean, rstd = kernel.norm_forward(  # writes the side buffer itself
-                x2.contiguous(), None if weight is None else weight.reshape(n),
-                None if bias is None else bias.reshape(n), eps, rms=False, out_dtype=x.dtype,
-                store_mean=save == "input", side=side, idx=idx)
-            y = y2.view(x.shape)
-        else:
-            y, mean, rstd = _torch_forward(x, normalized_shape, weight, bias, eps)
-            y = y.contiguous()
-            rstd = rstd.reshape(-1)
-            mean = mean.reshape(-1)
-            side, idx = side_buffer(x2, weight, bias, x.dtype, k,
-                                    lambda cols: (cols.to(rstd.dtype) - mean[:, None]) * rstd[:, None])
+            return _triton_forward(x, weight, bias, n, eps, save, k)
+        x2 = x.reshape(-1, n)
+        y, mean, rstd = _torch_forward(x, normalized_shape, weight, bias, eps)
+        y = y.contiguous()
+        rstd = rstd.reshape(-1)
+        mean = mean.reshape(-1)
+        side, idx = side_buffer(x2, weight, bias, x.dtype, k,
+                                lambda cols: (cols.to(rstd.dtype) - mean[:, None]) * rstd[:, None])
         return y, (mean if save == "input" else rstd.new_empty(0)), rstd, side, idx
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _(x, weight, bias, normalized_shape, eps, save):
     n = math.prod(normalized_shape)
     m = math.prod(x.shape[:x.dim() - len(normalized_shape)])
@@ -266,30 +271,57 @@ def _(x, weight, bias, normalized_shape, eps, save):
             x.new_empty((m,), dtype=acc), x.new_empty((m, k)), x.new_empty((k,), dtype=torch.int64))
 
 
-@torch.library.custom_op(f"{LIB}::inplace_layer_norm_bwd", mutates_args=())
-def _bwd(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor, side: torch.Tensor,
-         idx: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalized_shape: list[int],
-         needs: list[bool]) -> list[torch.Tensor]:
-    """[dx, dweight, dbias] (an empty tensor for each one ``needs`` leaves out). ``src`` is the output ``y``
-    when ``mean`` is None, else the input ``x``."""
+def _kernels():
+    from tempo_ds.kernels import layer_norm as kernel
+
+    return kernel._norm_fwd_kernel, kernel._norm_bwd_kernel
+
+
+@triton_op(f"{LIB}::inplace_layer_norm_fwd", kernels=_kernels)
+def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalized_shape: list[int],
+         eps: float, save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd, side, idx)``: y contiguous of x's shape and dtype; rstd [M]; mean [M] only when
+    ``save == "input"`` (else [0]); side [M, K] and idx [K] only when ``save == "output"`` (else K = 0). On CUDA
+    the column ranking and the kernel launch themselves (visible to torch.compile), elsewhere the opaque op."""
+    n = math.prod(normalized_shape)
+    if kernels_visible(x) and fits_kernel(x, n):
+        k = side_columns(n, weight is not None or bias is not None) if save == "output" else 0
+        with no_autocast(x):
+            return _triton_forward(x, weight, bias, n, eps, save, k)
+    return _fwd_opaque(x, weight, bias, normalized_shape, eps, save)
+
+
+def _triton_backward(grad, src, mean, rstd, side, idx, weight, bias, normalized_shape, needs):
+    """[dx, dweight, dbias] from the kernel, which patches the bad kept columns from ``side`` itself."""
+    from tempo_ds.kernels import layer_norm as kernel
+
+    need_x, need_w, need_b = needs
+    shape, n = tuple(normalized_shape), math.prod(normalized_shape)
+    from_output = mean is None
+    slot = None
+    if from_output and idx.numel():
+        slot = kernel.side_slots(idx, n, column_scores(weight, bias, src.dtype, n)[1].index_select(0, idx))
+    dx, dw, db = kernel.norm_backward(
+        grad.reshape(-1, n), src.reshape(-1, n).contiguous(), None if weight is None else weight.reshape(n),
+        None if bias is None else bias.reshape(n), mean, rstd, rms=False, from_output=from_output,
+        x_dtype=src.dtype, need_weight_grads=need_w or need_b, side=side, slot=slot)
+    return [dx.view(src.shape) if need_x else grad.new_empty(0),
+            dw.view(shape).to(weight.dtype) if need_w else grad.new_empty(0),
+            db.view(shape).to(bias.dtype) if need_b else grad.new_empty(0)]
+
+
+@torch.library.custom_op(f"{LIB}::inplace_layer_norm_bwd_opaque", mutates_args=())
+def _bwd_opaque(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
+                side: torch.Tensor, idx: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                normalized_shape: list[int], needs: list[bool]) -> list[torch.Tensor]:
+    """``_bwd`` by aten's kernels (or the interpreted Triton kernel), opaque to torch.compile."""
     need_x, need_w, need_b = needs
     shape, n = tuple(normalized_shape), math.prod(normalized_shape)
     from_output = mean is None
     acc = rstd.dtype
     with no_autocast(grad), gathered(weight, bias):
         if fits_kernel(src, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            slot = None
-            if from_output and idx.numel():  # the kernel patches the bad kept columns itself
-                slot = kernel.side_slots(idx, n, column_scores(weight, bias, src.dtype, n)[1].index_select(0, idx))
-            dx, dw, db = kernel.norm_backward(
-                grad.reshape(-1, n), src.reshape(-1, n).contiguous(), None if weight is None else weight.reshape(n),
-                None if bias is None else bias.reshape(n), mean, rstd, rms=False, from_output=from_output,
-                x_dtype=src.dtype, need_weight_grads=need_w or need_b, side=side, slot=slot)
-            return [dx.view(src.shape) if need_x else grad.new_empty(0),
-                    dw.view(shape).to(weight.dtype) if need_w else grad.new_empty(0),
-                    db.view(shape).to(bias.dtype) if need_b else grad.new_empty(0)]
+            return _triton_backward(grad, src, mean, rstd, side, idx, weight, bias, normalized_shape, needs)
         if from_output:
             xhat = rebuild_xhat(src.reshape(-1, n), None if weight is None else weight.reshape(n).to(acc),
                                 None if bias is None else bias.reshape(n).to(acc), acc)
@@ -308,12 +340,24 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rs
                 db.to(bias.dtype) if need_b else grad.new_empty(0)]
 
 
-@_bwd.register_fake
+@_bwd_opaque.register_fake
 def _(grad, src, mean, rstd, side, idx, weight, bias, normalized_shape, needs):
     need_x, need_w, need_b = needs
     return [src.new_empty(src.shape) if need_x else grad.new_empty(0),
             weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
             bias.new_empty(bias.shape) if need_b else grad.new_empty(0)]
+
+
+@triton_op(f"{LIB}::inplace_layer_norm_bwd", kernels=_kernels)
+def _bwd(grad: torch.Tensor, src: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor, side: torch.Tensor,
+         idx: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalized_shape: list[int],
+         needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dweight, dbias] (an empty tensor for each one ``needs`` leaves out). ``src`` is the output ``y``
+    when ``mean`` is None, else the input ``x``. On CUDA the kernel launch itself, elsewhere the opaque op."""
+    if kernels_visible(src) and fits_kernel(src, math.prod(normalized_shape)):
+        with no_autocast(grad), gathered(weight, bias):
+            return _triton_backward(grad, src, mean, rstd, side, idx, weight, bias, normalized_shape, needs)
+    return _bwd_opaque(grad, src, mean, rstd, side, idx, weight, bias, normalized_shape, needs)
 
 
 def _setup_context(ctx, inputs, output):

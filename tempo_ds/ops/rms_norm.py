@@ -39,8 +39,10 @@ runs aten's fused LayerNorm backward with mean 0 and adds back the
 ``rstd * mean(gw)`` term that LayerNorm subtracts (RMSNorm has no mean to differentiate), because CPU
 PyTorch has no RMSNorm backward kernel.
 
-The ops: ``tempo_ds::inplace_rms_norm_fwd`` and ``_bwd``, ``torch.library`` custom ops with fake
-implementations joined by ``register_autograd``; nothing reads a device value on the host.
+The ops: ``tempo_ds::inplace_rms_norm_fwd`` and ``_bwd``, triton ops joined by ``register_autograd``
+(``tempo_ds.ops._library``): on CUDA torch.compile sees the column ranking and the launches of the LayerNorm
+kernels (``rms=True``), elsewhere they call the opaque ``_fwd_opaque`` / ``_bwd_opaque`` (HF's operations,
+numerics pinned); nothing reads a device value on the host.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from typing import Optional
 
 import torch
 
-from tempo_ds.ops._library import LIB, no_autocast
+from tempo_ds.ops._library import LIB, kernels_visible, no_autocast, triton_op
 from tempo_ds.ops._zero import gathered
 from tempo_ds.ops.layer_norm import (acc_dtype, column_scores, fits_kernel, patch_xhat, rebuild_xhat, side_buffer,
                                      side_columns, side_columns_of)
@@ -59,22 +61,28 @@ __all__ = ["inplace_rms_norm"]
 CASTINGS = ("llama", "torch")
 
 
-@torch.library.custom_op(f"{LIB}::inplace_rms_norm_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: str, out_dtype: torch.dtype,
-         save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, rstd, side, idx)``: y contiguous [*, N] in ``out_dtype``; rstd [M]; side [M, K] (x's dtype) and
-    idx [K] int64 only when ``save == "output"`` (else K = 0)."""
+def _triton_forward(x, weight, eps: float, casting: str, out_dtype: torch.dtype, k: int):
+    """``(y, rstd, side, idx)`` from the LayerNorm kernel with ``rms=True``, which writes the side buffer."""
+    from tempo_ds.kernels import layer_norm as kernel
+
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    side, idx = side_columns_of(x2, weight, None, out_dtype, k)
+    y2, _, rstd = kernel.norm_forward(x2.contiguous(), weight, None, eps, rms=True, out_dtype=out_dtype,
+                                      cast_before_weight=casting == "llama", side=side, idx=idx)
+    return y2.view(x.shape), rstd, side, idx
+
+
+@torch.library.custom_op(f"{LIB}::inplace_rms_norm_fwd_opaque", mutates_args=())
+def _fwd_opaque(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: str, out_dtype: torch.dtype,
+                save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_fwd`` by HF's operations (or the interpreted kernel), opaque to torch.compile."""
     n = x.shape[-1]
     k = side_columns(n, weight is not None) if save == "output" else 0
     with no_autocast(x):
-        x2 = x.reshape(-1, n)
         if fits_kernel(x, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            side, idx = side_columns_of(x2, weight, None, out_dtype, k)
-            y2, _, rstd = kernel.norm_forward(x2.contiguous(), weight, None, eps, rms=True, out_dtype=out_dtype,
-                                              cast_before_weight=casting == "llama", side=side, idx=idx)
-            return y2.view(x.shape), rstd, side, idx  # the kernel wrote the side buffer
+            return _triton_forward(x, weight, eps, casting, out_dtype, k)
+        x2 = x.reshape(-1, n)
         acc = acc_dtype(x.dtype)
         xf = x.to(acc)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -90,7 +98,7 @@ def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: s
         return y, rstd, side, idx
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _(x, weight, eps, casting, out_dtype, save):
     n = x.shape[-1]
     m = math.prod(x.shape[:-1])
@@ -99,27 +107,53 @@ def _(x, weight, eps, casting, out_dtype, save):
             x.new_empty((k,), dtype=torch.int64))
 
 
-@torch.library.custom_op(f"{LIB}::inplace_rms_norm_bwd", mutates_args=())
-def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.Tensor, idx: torch.Tensor,
-         weight: Optional[torch.Tensor], from_output: bool, x_dtype: torch.dtype,
-         needs: list[bool]) -> list[torch.Tensor]:
-    """[dx, dweight] (an empty tensor for one ``needs`` leaves out); ``src`` is ``y`` when ``from_output``,
-    else ``x``."""
+def _kernels():
+    from tempo_ds.kernels import layer_norm as kernel
+
+    return kernel._norm_fwd_kernel, kernel._norm_bwd_kernel
+
+
+@triton_op(f"{LIB}::inplace_rms_norm_fwd", kernels=_kernels)
+def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, casting: str, out_dtype: torch.dtype,
+         save: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, rstd, side, idx)``: y contiguous [*, N] in ``out_dtype``; rstd [M]; side [M, K] (x's dtype) and
+    idx [K] int64 only when ``save == "output"`` (else K = 0). On CUDA the column ranking and the kernel launch
+    themselves (visible to torch.compile), elsewhere the opaque op."""
+    n = x.shape[-1]
+    if kernels_visible(x) and fits_kernel(x, n):
+        k = side_columns(n, weight is not None) if save == "output" else 0
+        with no_autocast(x):
+            return _triton_forward(x, weight, eps, casting, out_dtype, k)
+    return _fwd_opaque(x, weight, eps, casting, out_dtype, save)
+
+
+def _triton_backward(grad, src, rstd, side, idx, weight, from_output: bool, x_dtype: torch.dtype, needs):
+    """[dx, dweight] from the LayerNorm kernel with ``rms=True``, which patches the bad kept columns itself."""
+    from tempo_ds.kernels import layer_norm as kernel
+
+    need_x, need_w = needs
+    n = src.shape[-1]
+    slot = None
+    if from_output and idx.numel():
+        slot = kernel.side_slots(idx, n, column_scores(weight, None, src.dtype, n)[1].index_select(0, idx))
+    dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), src.reshape(-1, n).contiguous(), weight, None, None,
+                                     rstd, rms=True, from_output=from_output, x_dtype=x_dtype,
+                                     need_weight_grads=need_w, side=side, slot=slot)
+    return [dx.view(src.shape) if need_x else grad.new_empty(0),
+            dw.to(weight.dtype) if need_w else grad.new_empty(0)]
+
+
+@torch.library.custom_op(f"{LIB}::inplace_rms_norm_bwd_opaque", mutates_args=())
+def _bwd_opaque(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.Tensor, idx: torch.Tensor,
+                weight: Optional[torch.Tensor], from_output: bool, x_dtype: torch.dtype,
+                needs: list[bool]) -> list[torch.Tensor]:
+    """``_bwd`` by PyTorch operations (or the interpreted kernel), opaque to torch.compile."""
     need_x, need_w = needs
     n = src.shape[-1]
     acc = rstd.dtype
     with no_autocast(grad), gathered(weight):
         if fits_kernel(src, n):
-            from tempo_ds.kernels import layer_norm as kernel
-
-            slot = None
-            if from_output and idx.numel():  # the kernel patches the bad kept columns itself
-                slot = kernel.side_slots(idx, n, column_scores(weight, None, src.dtype, n)[1].index_select(0, idx))
-            dx, dw, _ = kernel.norm_backward(grad.reshape(-1, n), src.reshape(-1, n).contiguous(), weight, None, None,
-                                             rstd, rms=True, from_output=from_output, x_dtype=x_dtype,
-                                             need_weight_grads=need_w, side=side, slot=slot)
-            return [dx.view(src.shape) if need_x else grad.new_empty(0),
-                    dw.to(weight.dtype) if need_w else grad.new_empty(0)]
+            return _triton_backward(grad, src, rstd, side, idx, weight, from_output, x_dtype, needs)
         w = None if weight is None else weight.to(acc)
         if from_output:
             xhat = rebuild_xhat(src.reshape(-1, n), w, None, acc)
@@ -143,11 +177,23 @@ def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.
                 dw.to(weight.dtype) if need_w else grad.new_empty(0)]
 
 
-@_bwd.register_fake
+@_bwd_opaque.register_fake
 def _(grad, src, rstd, side, idx, weight, from_output, x_dtype, needs):
     need_x, need_w = needs
     return [src.new_empty(src.shape, dtype=x_dtype) if need_x else grad.new_empty(0),
             weight.new_empty(weight.shape) if need_w else grad.new_empty(0)]
+
+
+@triton_op(f"{LIB}::inplace_rms_norm_bwd", kernels=_kernels)
+def _bwd(grad: torch.Tensor, src: torch.Tensor, rstd: torch.Tensor, side: torch.Tensor, idx: torch.Tensor,
+         weight: Optional[torch.Tensor], from_output: bool, x_dtype: torch.dtype,
+         needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dweight] (an empty tensor for one ``needs`` leaves out); ``src`` is ``y`` when ``from_output``,
+    else ``x``. On CUDA the kernel launch itself, elsewhere the opaque op."""
+    if kernels_visible(src) and fits_kernel(src, src.shape[-1]):
+        with no_autocast(grad), gathered(weight):
+            return _triton_backward(grad, src, rstd, side, idx, weight, from_output, x_dtype, needs)
+    return _bwd_opaque(grad, src, rstd, side, idx, weight, from_output, x_dtype, needs)
 
 
 def _setup_context(ctx, inputs, output):
