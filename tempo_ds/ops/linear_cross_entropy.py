@@ -42,50 +42,78 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._library import autocast_dtype, no_autocast
 from ._zero import gathered
 
-__all__ = ["linear_cross_entropy", "tile_shape", "TILE_ELEMENTS", "MIN_COLS", "REDUCTIONS"]
+__all__ = ["linear_cross_entropy", "tile_shape", "sub_rows", "TILE_BYTES", "MIN_COLS", "SUB_ELEMENTS", "REDUCTIONS"]
 
-TILE_ELEMENTS = 1 << 23
+TILE_BYTES = 32 << 20
 MIN_COLS = 8192
+SUB_ELEMENTS = {"cpu": 1 << 18}  # float32 sub-block: 1 MiB, stays in a core's L2 cache
+SUB_ELEMENTS_OTHER = 1 << 22     # elsewhere (GPU): 16 MiB, few launches
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def tile_shape(n_tokens: int, vocab: int, rows: int | None = None, cols: int | None = None) -> tuple[int, int]:
-    """``(rows, cols)`` of the logits tiles for ``n_tokens`` x ``vocab``: explicit values win, else at most
-    ``TILE_ELEMENTS`` per tile with at least ``MIN_COLS`` columns (or the whole vocabulary)."""
-    cols = cols or min(vocab, max(MIN_COLS, TILE_ELEMENTS // max(n_tokens, 1)))
-    rows = rows or max(1, TILE_ELEMENTS // cols)
+def tile_shape(n_tokens: int, vocab: int, rows: int | None = None, cols: int | None = None,
+               itemsize: int = 4) -> tuple[int, int]:
+    """``(rows, cols)`` of the logits tiles for ``n_tokens`` x ``vocab`` in a dtype of ``itemsize`` bytes:
+    explicit values win, else at most ``TILE_BYTES`` per tile with at least ``MIN_COLS`` columns (or the whole
+    vocabulary) -- the whole problem in one tile when it fits."""
+    budget = max(1, TILE_BYTES // itemsize)
+    cols = cols or min(vocab, max(MIN_COLS, budget // max(n_tokens, 1)))
+    rows = rows or max(1, budget // cols)
     return max(1, min(rows, n_tokens)), max(1, min(cols, vocab))
+
+
+def sub_rows(device: torch.device, rows: int, cols: int) -> int:
+    """Rows of the float32 sub-blocks the elementwise work of a ``rows x cols`` tile runs in on ``device``."""
+    elements = SUB_ELEMENTS.get(torch.device(device).type, SUB_ELEMENTS_OTHER)
+    return max(1, min(rows, elements // max(cols, 1)))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c0: int, c1: int,
-            compute: torch.dtype, acc: torch.dtype, softcap: float | None, scale: float | None):
-    """One tile's logits (and tanh(z / softcap) for the softcap's derivative, else None). Without scale and
-    softcap the matmul output is returned as is (compute dtype; callers promote it to ``acc`` in their first
-    elementwise op, one pass fewer); otherwise in ``acc``."""
-    b = None if bias is None else bias[c0:c1].to(compute)
-    z = F.linear(h, weight[c0:c1].to(compute), b)
-    if scale is None and softcap is None:
-        return z, None
-    z = z.to(acc)
-    if scale is not None:
-        z.mul_(scale)
-    if softcap is None:
-        return z, None
-    t = z.div_(softcap).tanh_()
-    return t * softcap, t
+def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous ``rows x cols`` view of the start of the workspace ``buf`` (out= targets must be contiguous)."""
+    return buf.view(-1)[: rows * cols].view(rows, cols)
+
+
+class _Tiles:
+    """The loop both passes share: vocabulary blocks outermost, token chunks, and the matmul of each tile into one
+    reused compute-dtype workspace. Yields ``(c0, c1, r0, r1, z)`` with ``z`` the tile's logits before scale and
+    softcap, rounded to the compute dtype as ``nn.Linear``'s output is (``addmm`` when there is a bias, like
+    ``F.linear``)."""
+
+    def __init__(self, hidden, weight, bias, compute, rows, cols):
+        self.n, self.vocab = hidden.shape[0], weight.shape[0]
+        self.rows, self.cols = min(rows, self.n), min(cols, self.vocab)
+        self.h = hidden.to(compute)
+        self.weight, self.bias, self.compute = weight, bias, compute
+        self.tile = hidden.new_empty(self.rows * self.cols, dtype=compute)
+
+    def blocks(self):
+        for c0 in range(0, self.vocab, self.cols):
+            c1 = min(c0 + self.cols, self.vocab)
+            w = self.weight[c0:c1].to(self.compute)
+            b = None if self.bias is None else self.bias[c0:c1].to(self.compute)
+            yield c0, c1, w, b
+
+    def chunks(self, w, b):
+        for r0 in range(0, self.n, self.rows):
+            r1 = min(r0 + self.rows, self.n)
+            z = _view(self.tile, r1 - r0, w.shape[0])
+            if b is None:
+                torch.mm(self.h[r0:r1], w.t(), out=z)
+            else:
+                torch.addmm(b, self.h[r0:r1], w.t(), out=z)
+            yield r0, r1, z
 
 
 def _label_column(labels: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(whether each label falls in columns [c0, c1), its column inside the block clamped into range)."""
+    """(whether each label falls in columns [c0, c1), its column inside the block clamped into range [N, 1])."""
     inside = (labels >= c0) & (labels < c1)
     return inside, (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
 
@@ -98,19 +126,31 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     compute = compute_dtype or hidden.dtype
     acc = _acc(compute)
     n, vocab = hidden.shape[0], weight.shape[0]
-    lse = hidden.new_full((n,), float("-inf"), dtype=acc)
+    lse = hidden.new_empty((n,), dtype=acc)
     target = hidden.new_zeros((n,), dtype=acc)
     with no_autocast(hidden):
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            h, y = hidden[r0:r1].to(compute), labels[r0:r1]
-            for c0 in range(0, vocab, cols):
-                c1 = min(c0 + cols, vocab)
-                z, _ = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
-                z = z.to(acc)
-                torch.logaddexp(lse[r0:r1], torch.logsumexp(z, 1), out=lse[r0:r1])
-                inside, col = _label_column(y, c0, c1)
-                target[r0:r1] += torch.where(inside, z.gather(1, col).squeeze(1), 0)
+        tiles = _Tiles(hidden, weight, bias, compute, rows, cols)
+        sub = sub_rows(hidden.device, tiles.rows, tiles.cols)
+        ws = None if compute == acc else hidden.new_empty(sub * tiles.cols, dtype=acc)
+        for c0, c1, w, b in tiles.blocks():
+            inside, col = _label_column(labels, c0, c1)
+            for r0, r1, z in tiles.chunks(w, b):
+                for s0 in range(r0, r1, sub):
+                    s1 = min(s0 + sub, r1)
+                    f = z[s0 - r0:s1 - r0]
+                    if ws is not None:  # float32 copy of the sub-block (in cache), the tile stays as computed
+                        f = _view(ws, s1 - s0, c1 - c0).copy_(f)
+                    if scale is not None:
+                        f.mul_(scale)
+                    if softcap is not None:
+                        f.div_(softcap).tanh_().mul_(softcap)
+                    target[s0:s1] += torch.where(inside[s0:s1], f.gather(1, col[s0:s1]).squeeze(1), 0)
+                    m = f.amax(1, keepdim=True)
+                    part = f.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))
+                    if c0 == 0:
+                        lse[s0:s1] = part
+                    else:
+                        torch.logaddexp(lse[s0:s1], part, out=lse[s0:s1])
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
     loss = torch.where(valid, torch.where(in_range, lse - target, float("nan")), 0).to(acc)
@@ -136,39 +176,65 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     g = torch.where(labels != ignore_index, grad.to(acc), 0).unsqueeze(1)
     if scale is not None:
         g = g * scale  # d(scale * z) / dz, folded into the per-token factor
-    dh = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
-    dw = torch.empty_like(weight) if need_w else None
-    db = torch.empty_like(bias) if need_b else None
-    one_chunk = rows >= n
     with no_autocast(hidden):
-        for c0 in range(0, vocab, cols):
-            c1 = min(c0 + cols, vocab)
-            w = weight[c0:c1].to(compute)
+        tiles = _Tiles(hidden, weight, bias, compute, rows, cols)
+        one_block, one_chunk = tiles.cols >= vocab, tiles.rows >= n
+        sub = sub_rows(hidden.device, tiles.rows, tiles.cols)
+        ws = None if compute == acc and softcap is None else hidden.new_empty(sub * tiles.cols, dtype=acc)
+        ws_t = None if softcap is None else hidden.new_empty(sub * tiles.cols, dtype=acc)
+        dh = hbuf = None
+        if need_h and one_block:
+            dh = hidden.new_empty(hidden.shape, dtype=compute)
+        elif need_h:  # summed over vocabulary blocks in float32, rounded once
+            dh = hidden.new_zeros(hidden.shape, dtype=acc)
+            hbuf = None if compute == acc else hidden.new_empty((tiles.rows, hidden.shape[1]), dtype=compute)
+        dw = torch.empty_like(weight) if need_w else None
+        db = torch.empty_like(bias) if need_b else None
+        for c0, c1, w, b in tiles.blocks():
+            inside, col = _label_column(labels, c0, c1)
+            minus_one = inside.to(acc).neg_().unsqueeze(1)
             dw_acc = None if one_chunk or not need_w else hidden.new_zeros((c1 - c0, hidden.shape[1]), dtype=acc)
             db_acc = hidden.new_zeros((c1 - c0,), dtype=acc) if need_b else None
-            for r0 in range(0, n, rows):
-                r1 = min(r0 + rows, n)
-                h, y = hidden[r0:r1].to(compute), labels[r0:r1]
-                z, t = _logits(h, weight, bias, c0, c1, compute, acc, softcap, scale)
-                dz = torch.sub(z, lse[r0:r1].unsqueeze(1)).exp_()  # softmax, in acc (z promoted)
-                inside, col = _label_column(y, c0, c1)
-                dz.scatter_add_(1, col, -inside.to(acc).unsqueeze(1))
-                if t is not None:
-                    dz.mul_(1 - t * t)
-                if need_b or compute == acc:
-                    dzc = dz.mul_(g[r0:r1]).to(compute)
-                    if need_b:
-                        db_acc += dz.sum(0)
-                else:  # times g and rounded to the matmul dtype in one pass
-                    dzc = torch.mul(dz, g[r0:r1], out=torch.empty(dz.shape, dtype=compute, device=dz.device))
-                if need_h:
-                    dh[r0:r1] += (dzc @ w).to(acc)
-                if need_w:
-                    part = dzc.t() @ h
-                    if one_chunk:
-                        dw[c0:c1] = part
+            for r0, r1, z in tiles.chunks(w, b):
+                for s0 in range(r0, r1, sub):
+                    s1 = min(s0 + sub, r1)
+                    zs = z[s0 - r0:s1 - r0]
+                    f = zs if ws is None else _view(ws, s1 - s0, c1 - c0)
+                    if softcap is not None:  # t = tanh(scale * z / c) kept for the derivative; f = c * t
+                        t = _view(ws_t, s1 - s0, c1 - c0).copy_(zs)
+                        if scale is not None:
+                            t.mul_(scale)
+                        torch.mul(t.div_(softcap).tanh_(), softcap, out=f)
                     else:
-                        dw_acc += part.to(acc)
+                        if f is not zs:
+                            f.copy_(zs)
+                        if scale is not None:
+                            f.mul_(scale)
+                    f.sub_(lse[s0:s1].unsqueeze(1)).exp_()  # softmax, from the saved lse
+                    f.scatter_add_(1, col[s0:s1], minus_one[s0:s1])
+                    if softcap is not None:
+                        f.mul_(t.mul_(t).neg_().add_(1))
+                    f.mul_(g[s0:s1])
+                    if need_b:
+                        db_acc += f.sum(0)
+                    if f is not zs:
+                        zs.copy_(f)  # the gradient, rounded to the matmul dtype, into the tile
+                if need_h:
+                    if one_block:
+                        torch.mm(z, w, out=dh[r0:r1])
+                    elif hbuf is None:
+                        dh[r0:r1].addmm_(z, w)
+                    else:
+                        dh[r0:r1] += torch.mm(z, w, out=_view(hbuf, r1 - r0, hidden.shape[1]))
+                if need_w:
+                    if dw_acc is not None and compute == acc:
+                        dw_acc.addmm_(z.t(), tiles.h[r0:r1])
+                    elif dw_acc is not None:
+                        dw_acc += torch.mm(z.t(), tiles.h[r0:r1])
+                    elif dw.dtype == compute:
+                        torch.mm(z.t(), tiles.h[r0:r1], out=dw[c0:c1])
+                    else:
+                        dw[c0:c1] = torch.mm(z.t(), tiles.h[r0:r1])
             if dw_acc is not None:
                 dw[c0:c1] = dw_acc
             if need_b:
@@ -251,7 +317,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                         f"(as for F.linear)")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
-    rows, cols = tile_shape(h.shape[0], weight.shape[0], token_chunk, vocab_chunk)
+    rows, cols = tile_shape(h.shape[0], weight.shape[0], token_chunk, vocab_chunk, (compute or hidden.dtype).itemsize)
     with gathered(weight, bias):
         loss, _ = _forward(h, weight, bias, y, int(ignore_index), None if softcap is None else float(softcap),
                            None if logit_scale is None else float(logit_scale), compute, rows, cols)
