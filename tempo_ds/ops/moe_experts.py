@@ -17,19 +17,22 @@ Backward, given dy [T, h] (``dy_s = dy_t(s)``)::
     da   = dh * u;  dg = act_backward(da, g);  du = dh * act(g)            (dgu = [dg | du])
     dx_t = sum over the slots s of t of gate_up_proj[e(s)]^T dgu_s       d gate_up_proj[e] = sum_s dgu_s x_t(s)^T
 
-What is kept. HF's experts forward (``grouped_mm`` by default, or the eager per-expert loop) keeps, per
-routed slot: the gathered input x_t(s) [S, h], gu [S, 2i] (act's input and the product's ``u`` are views
-of it), act(g) [S, i], h [S, i] (the down matmul's input) and o [S, h] (the routing-weight product's
-input): ``2h + 4i`` values a slot. This op keeps gu only, ``2i`` a slot, plus ``top_k_index``,
-``top_k_weights`` and ``x`` -- which the router already keeps (``topk`` keeps its indices, the in-place
-normalisation its result, the router Linear its input), so with storage de-duplication they cost nothing
-more -- and the two 3-D Parameter objects themselves (ZeRO-3: never a per-expert slice, a view or a cast
-copy; the backward gathers them). The sort is recomputed from ``top_k_index`` in backward (a sort of S
-integers) rather than keeping ``perm`` (8 bytes a slot). ``h = act(g) * u`` is recomputed, and so is
-``o`` (one extra grouped matmul of S x i x h, a ninth of the layer's experts FLOPs) for the routing-weight
-gradient, only when ``top_k_weights`` needs a gradient: keeping o would cost ``h`` values a slot, and
-computing ``dw_s = <dy_s W_d h_s>`` as ``<(W_d^T dy_s), h_s>`` would cost the same matmul and round
-differently from HF.
+What is kept. HF's experts forward (``grouped_mm``, transformers' default) keeps, per routed slot: the
+gathered input x_t(s) [S, h], gu [S, 2i] (act's input and the product's ``u`` are views of it), act(g)
+[S, i], h [S, i] (the down matmul's input) and o [S, h] (the routing-weight product's input) -- ``2h + 4i``
+values a slot -- plus the sorted routing weight (4 bytes in float32), three int64 index tensors and the
+offsets. This op keeps gu, ``2i`` values a slot, and ``top_k_weights`` [T, K] (4 bytes a slot in float32),
+besides ``x`` and ``top_k_index``, which the router keeps already (its Linear keeps its input, ``topk`` its
+indices), so with storage de-duplication they cost nothing more; and the two 3-D Parameter objects
+themselves (ZeRO-3: never a per-expert slice, a view or a cast copy; the backward gathers them). In
+bfloat16: ``4i + 4`` bytes a slot where HF keeps ``4h + 8i + 28``.
+
+The sort is recomputed from ``top_k_index`` in backward (a sort of S integers) rather than keeping ``perm``
+(8 bytes a slot). ``h = act(g) * u`` is recomputed, and so is ``o`` (one extra grouped matmul of S x i x h,
+a ninth of the experts' forward + backward FLOPs) for the routing-weight gradient, only when
+``top_k_weights`` needs a gradient: keeping o would cost ``h`` values a slot, and computing
+``dw_s = <dy_s, W_d h_s>`` as ``<W_d^T dy_s, h_s>`` would cost the same matmul and round differently
+from HF.
 
 Exact against HF's default ``grouped_mm`` implementation: the same sort, the same grouped matmuls
 (``torch.nn.functional.grouped_mm``, the calls its autograd makes in backward), the same elementwise ops
