@@ -21,8 +21,12 @@ launched, with the registers, spills and shared memory the driver loaded; and ``
 device's own arch (in the background during phases 2 and 3). An op that fails is a note; the others still run.
 
 Phase 2, sync check (issue 14): one training step of BERT-Large (2 layers) and the Llama-3-shaped preset, HF
-sdpa and tempo_ds, under ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up step outside it:
-forward+backward and the optimizer step pass or fail (first synchronizing call and where it came from).
+sdpa and tempo_ds (default config) without an attention mask, and tempo_ds with ``mask_check="never"`` on the
+batch's all-ones mask (the default config and HF's sdpa_mask read an all-ones mask on the host once per
+forward, by design; without a mask, transformers reads a causal LM's position_ids instead, to detect packed
+sequences, so the Llama rows without a mask are expected to fail there), under
+``torch.cuda.set_sync_debug_mode("error")`` after a warm-up step outside it: forward+backward and the
+optimizer step pass or fail (first synchronizing call and where it came from).
 
 Phase 3, compiled vs eager (issue 14): tempo_ds injected into a 2-layer Llama-3-shaped model, one
 forward+backward eager and under ``torch.compile(fullgraph=True)`` (Inductor): Dynamo graphs, graph breaks,
@@ -304,12 +308,52 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda gu, w: ops.gated_mlp(gu, None, w, activation="gelu_tanh"),
                    lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"),
                    _autograd_reference(lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"))),
+        _moe_case(randn, gen, rows, h, inter, device),
         KernelCase(f"linear_cross_entropy V={vocab}", "HF F.cross_entropy(lm_head(x).float())",
                    [randn(lce_rows, h), randn(vocab, h, scale=h**-0.5)],
                    lambda x, w: ops.linear_cross_entropy(x, w, labels),
                    lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels),
                    _autograd_reference(lambda x, w: F.cross_entropy(F.linear(x, w), labels)), has_kernel=False),
     ]
+
+
+def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
+    """``moe_experts`` (Mixtral's 8 experts, 2 a token; rows/4 tokens, i = inter/2) against HF's default experts
+    forward (``grouped_mm_experts_forward``); the float64 reference is HF's per-expert loop."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from tempo_ds import ops
+
+    tokens, experts, k, i = max(rows // 4, 8), 8, 2, max(inter // 2, 16)
+    idx = torch.rand(tokens, experts, generator=gen).argsort(-1)[:, :k].to(device)
+
+    def gate(gate_up):
+        g, u = gate_up.chunk(2, -1)
+        return F.silu(g) * u
+
+    def hf(x, w, gu, down):
+        module = types.SimpleNamespace(num_experts=experts, has_gate=True, has_bias=False, is_transposed=False,
+                                       has_post_expert_norm=False, _is_expert_parallel=False, gate_up_proj=gu,
+                                       down_proj=down, _apply_gate=gate)
+        return grouped_mm_experts_forward(module, x, idx, w)
+
+    def loop(x, w, gu, down):
+        out = torch.zeros_like(x)
+        for e in range(experts):
+            tok, slot = torch.where(idx == e)
+            g, u = F.linear(x[tok], gu[e]).chunk(2, -1)
+            out = out.index_add(0, tok, F.linear(F.silu(g) * u, down[e]) * w[tok, slot, None])
+        return out
+
+    inputs = [randn(tokens, h), randn(tokens, k, scale=0.5, shift=0.5), randn(experts, 2 * i, h, scale=h**-0.5),
+              randn(experts, h, i, scale=i**-0.5)]
+    return KernelCase(f"moe_experts E={experts} k={k}", "HF grouped_mm experts", inputs,
+                      lambda x, w, gu, down: ops.moe_experts(x, idx, w, gu, down), hf, _autograd_reference(loop),
+                      has_kernel=False)
 
 
 def _unfused_mlp(g, u, w, activation: str):
@@ -752,9 +796,10 @@ def _offending_frame(e: BaseException) -> str | None:
 
 
 def sync_phase(cfg: dict, device, deadline: float, rows: list, result: dict, save: Callable) -> None:
-    """Each model of ``cfg["sync_models"]``, HF sdpa and tempo_ds, one warm-up step, then forward+backward and
-    the optimizer step each under ``torch.cuda.set_sync_debug_mode("error")``: passed, or the first
-    synchronizing call's message and the frame it came from."""
+    """Each model of ``cfg["sync_models"]``, HF sdpa and tempo_ds without an attention mask and tempo_ds with
+    ``mask_check="never"`` on an all-ones mask, one warm-up step, then forward+backward and the optimizer step
+    each under ``torch.cuda.set_sync_debug_mode("error")``: passed, or the first synchronizing call's message
+    and the frame it came from."""
     import torch
 
     if device.type != "cuda":
@@ -762,7 +807,8 @@ def sync_phase(cfg: dict, device, deadline: float, rows: list, result: dict, sav
         return
     result["status"] = "ran"
     for label, arch, size, layers in cfg["sync_models"]:
-        for variant, tempo in (("HF sdpa", None), ("tempo_ds", {})):
+        for variant, tempo, keep_mask in (("HF sdpa", None, False), ("tempo_ds", {}, False),
+                                          ("tempo_ds, mask_check=never", {"mask_check": "never"}, True)):
             row = {"model": label, "arch": arch, "size": size, "layers": layers, "variant": variant}
             if time.monotonic() > deadline:
                 row["status"] = "skipped: its share of --budget_s was spent"
@@ -770,6 +816,8 @@ def sync_phase(cfg: dict, device, deadline: float, rows: list, result: dict, sav
                 continue
             try:
                 model, opt, inputs = _training_setup(arch, size, layers, cfg["seq"], cfg["sync_batch"], tempo, device)
+                if not keep_mask:
+                    inputs.pop("attention_mask", None)  # all ones: reading it is what mask_check="host" does
 
                 def forward_backward():
                     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -1201,7 +1249,11 @@ def _aot_lines(aot: dict, launched: dict) -> list[str]:
 def _sync_lines(sync: dict) -> list[str]:
     lines = ["", "## Sync check: a training step under `torch.cuda.set_sync_debug_mode(\"error\")`", "",
              f"Status: {sync['status']}. After one warm-up step, forward+backward (bf16 autocast) and the fused "
-             "AdamW step each ran in sync-debug mode \"error\": any device-to-host synchronization raises."]
+             "AdamW step each ran in sync-debug mode \"error\": any device-to-host synchronization raises. HF "
+             "sdpa and tempo_ds (default config) run without an attention mask (given an all-ones mask, both "
+             "read it on the host once per forward, by design; without one, transformers reads a causal LM's "
+             "position_ids to detect packed sequences); tempo_ds with `mask_check=\"never\"` runs on the "
+             "batch's all-ones mask."]
     if sync["rows"]:
         lines += ["", "| model | run | forward+backward | optimizer step | first offending call |",
                   "|---|---|---|---|---|"]
