@@ -128,7 +128,13 @@ class _LazyKernels:
         self._kernels = kernels
 
     def __iter__(self):
-        return iter(list(self._kernels()))
+        try:
+            from triton.runtime.jit import JITFunction
+
+            kernels = list(self._kernels())
+        except ImportError:
+            return iter(())
+        return iter([k for k in kernels if isinstance(k, JITFunction)])  # not the interpreter's functions
 
 
 def triton_op(name: str, *, mutates_args: Iterable[str] = (), kernels: Callable[[], Iterable] | None = None):

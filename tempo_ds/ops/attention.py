@@ -25,7 +25,9 @@ Backward (FlashAttention-2, Dao 2023, Algorithm 2)::
 
 Each mode is a pair of ``torch.library`` custom ops (``tempo_ds::attention_lean_fwd`` / ``_bwd``,
 ``tempo_ds::attention_tempo_fwd`` / ``_bwd``) with fake implementations, joined by ``register_autograd``
-(``tempo_ds.ops._library``): ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them.
+(``tempo_ds.ops._library``): ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them. The
+lean pair are triton ops: on CUDA torch.compile sees the Triton kernel launches; elsewhere (and for the blocked
+PyTorch code) they call the opaque ``attention_lean_fwd_opaque`` / ``_bwd_opaque``.
 Autocast is resolved in the wrapper (q, k, v cast as autocast casts them for SDPA; the ops run with
 autocast off), and the dropout seed is a 1-element int64 tensor drawn from the default generator of q's
 device (``_library.draw_seed``): nothing reads a device value on the host.
@@ -68,7 +70,7 @@ import torch.nn.functional as F
 
 from tempo_ds.ops._bits import pack_bits, packed_nbytes, unpack_bits
 from tempo_ds.ops._dispatch import use_triton
-from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed, no_autocast
+from tempo_ds.ops._library import LIB, autocast_dtype, draw_seed, kernels_visible, no_autocast, triton_op
 from tempo_ds.ops.attention_dispatch import AttentionCall, choose_backend
 from tempo_ds.ops.dropout import fill_keep_mask
 
@@ -277,7 +279,7 @@ def _tempo_backward(do, q, k, v, probs, keep, mask_shape, scale, p):
 # ------------------------------------------------------------------------------------------------
 def _as_4d(mask):
     """The mask viewed as 4-d (leading broadcast dims of size 1), never expanded."""
-    return None if mask is None else mask[(None,) * (4 - mask.dim())]
+    return None if mask is None else mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def _kernel_seed(seed):
@@ -295,11 +297,11 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty(0, dtype=dtype)
 
 
-@torch.library.custom_op(f"{LIB}::attention_lean_fwd", mutates_args=())
-def _lean_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-              seed: Optional[torch.Tensor], causal: bool, scale: float, p: float, block: int,
-              kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq]) from the Triton kernel or the blocked code."""
+@torch.library.custom_op(f"{LIB}::attention_lean_fwd_opaque", mutates_args=())
+def _lean_fwd_opaque(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     seed: Optional[torch.Tensor], causal: bool, scale: float, p: float, block: int,
+                     kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_lean_fwd`` by the blocked PyTorch code (or the interpreted kernel), opaque to torch.compile."""
     with no_autocast(q):
         if kernel:
             from tempo_ds.kernels import attention as kern
@@ -308,18 +310,38 @@ def _lean_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         return _lean_forward(q, k, v, _as_4d(mask), causal, scale, p, seed, block)
 
 
-@_lean_fwd.register_fake
+@_lean_fwd_opaque.register_fake
 def _(q, k, v, mask, seed, causal, scale, p, block, kernel):
     B, H, Sq, _ = q.shape
     o = q.new_empty(B, Sq, H, v.shape[-1]).transpose(1, 2)
     return o, q.new_empty(B, H, Sq, dtype=_compute_dtype(q.dtype))
 
 
-@torch.library.custom_op(f"{LIB}::attention_lean_bwd", mutates_args=())
-def _lean_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
-              scale: float, p: float, block: int, kernel: bool, mask_grad: bool) -> list[torch.Tensor]:
-    """[dq, dk, dv, dmask] in the dtypes and shapes of q, k, v and the mask (dmask empty unless ``mask_grad``)."""
+def _lean_kernels():
+    from tempo_ds.kernels import attention as kern
+
+    return kern._attn_fwd, kern._attn_bwd_preprocess, kern._attn_bwd_dkdv, kern._attn_bwd_dq
+
+
+@triton_op(f"{LIB}::attention_lean_fwd", kernels=_lean_kernels)
+def _lean_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              seed: Optional[torch.Tensor], causal: bool, scale: float, p: float, block: int,
+              kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, H, Sq, Dv] stored as [B, Sq, H, Dv], lse [B, H, Sq]) from the Triton kernel or the blocked code: on
+    CUDA the kernel launch itself (visible to torch.compile), elsewhere the opaque op (``_library``)."""
+    if kernel and kernels_visible(q):
+        from tempo_ds.kernels import attention as kern
+
+        with no_autocast(q):
+            return kern.attention_forward(q, k, v, _as_4d(mask), causal, scale, p, _kernel_seed(seed))
+    return _lean_fwd_opaque(q, k, v, mask, seed, causal, scale, p, block, kernel)
+
+
+@torch.library.custom_op(f"{LIB}::attention_lean_bwd_opaque", mutates_args=())
+def _lean_bwd_opaque(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
+                     scale: float, p: float, block: int, kernel: bool, mask_grad: bool) -> list[torch.Tensor]:
+    """``_lean_bwd`` by the blocked PyTorch code (or the interpreted kernel), opaque to torch.compile."""
     mask4 = _as_4d(mask)
     with no_autocast(q):
         if kernel:
@@ -333,10 +355,26 @@ def _lean_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask]
 
 
-@_lean_bwd.register_fake
+@_lean_bwd_opaque.register_fake
 def _(do, q, k, v, o, lse, mask, seed, causal, scale, p, block, kernel, mask_grad):
     dmask = mask.new_empty(mask.shape) if mask_grad else _empty(q)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask]
+
+
+@triton_op(f"{LIB}::attention_lean_bwd", kernels=_lean_kernels)
+def _lean_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
+              scale: float, p: float, block: int, kernel: bool, mask_grad: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv, dmask] in the dtypes and shapes of q, k, v and the mask (dmask empty unless ``mask_grad``): on
+    CUDA the kernel launches themselves (the kernel path never computes dmask), elsewhere the opaque op."""
+    if kernel and kernels_visible(q):
+        from tempo_ds.kernels import attention as kern
+
+        with no_autocast(q):
+            dq, dk, dv = kern.attention_backward(do, q, k, v, o, lse, _as_4d(mask), causal, scale, p,
+                                                 _kernel_seed(seed))
+        return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _empty(q)]
+    return _lean_bwd_opaque(do, q, k, v, o, lse, mask, seed, causal, scale, p, block, kernel, mask_grad)
 
 
 def _lean_setup_context(ctx, inputs, output):

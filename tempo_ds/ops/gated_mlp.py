@@ -26,6 +26,10 @@ forward output and every gradient equal the unfused model's bit for bit, in floa
 and under autocast (the matmuls run in the autocast dtype, dweight/dbias are cast back to the
 Parameters' dtype as autograd does for autocast's cast copies). The Triton path (CUDA) computes the
 elementwise part in one kernel with the same rounding points (``tempo_ds.kernels.gated_mlp``).
+
+The ops ``tempo_ds::gated_mlp_fwd`` / ``_bwd`` are triton ops (``tempo_ds.ops._library``): on CUDA torch.compile
+sees the matmuls and the kernel launches; elsewhere they call the opaque ``gated_mlp_fwd_opaque`` /
+``_bwd_opaque``, whose PyTorch path Inductor must not refuse (it is exact against HF's module bit for bit).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_triton
-from ._library import LIB, autocast_dtype, no_autocast
+from ._library import LIB, autocast_dtype, kernels_visible, no_autocast, triton_op
 from ._zero import gathered
 
 __all__ = ["gated_mlp", "ACTIVATIONS", "check_activation"]
@@ -111,27 +115,27 @@ def _out_dtype(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
 
 
 # -- custom ops ----------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::gated_mlp_fwd", mutates_args=())
-def _fwd(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-         activation: str, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _forward(g, u, weight, bias, activation: str, compute_dtype) -> torch.Tensor:
     with no_autocast(g):
         gg, uu = _split(g, u)
         h = _hidden(gg, uu, activation)
         return F.linear(_cast(h, compute_dtype), _cast(weight, compute_dtype), _cast(bias, compute_dtype))
 
 
-@_fwd.register_fake
+@torch.library.custom_op(f"{LIB}::gated_mlp_fwd_opaque", mutates_args=())
+def _fwd_opaque(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                activation: str, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``_fwd`` by HF's exact operations (or the interpreted kernel), opaque to torch.compile."""
+    return _forward(g, u, weight, bias, activation, compute_dtype)
+
+
+@_fwd_opaque.register_fake
 def _(g, u, weight, bias, activation, compute_dtype):
     shape = (*g.shape[:-1], weight.shape[0])
     return g.new_empty(shape, dtype=_out_dtype(g, u, weight, compute_dtype))
 
 
-@torch.library.custom_op(f"{LIB}::gated_mlp_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
-         bias: Optional[torch.Tensor], activation: str, compute_dtype: Optional[torch.dtype],
-         needs: list[bool]) -> list[torch.Tensor]:
-    """[d gate (or d gate_up), d up (empty when fused), d weight, d bias]; an empty tensor for each
-    gradient ``needs`` (gate/up, weight, bias) leaves out."""
+def _backward_impl(dout, g, u, weight, bias, activation: str, compute_dtype, needs) -> list[torch.Tensor]:
     need_in, need_w, need_b = needs
     dg, du, dw, db = (dout.new_empty(0) for _ in range(4))
     with no_autocast(dout):
@@ -147,7 +151,8 @@ def _bwd(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight:
             kernel, (dh2, g2, u2) = found
             if u is None:
                 dgu = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-                dg_out, du_out = _rows(dgu[..., :gg.shape[-1]]), _rows(dgu[..., gg.shape[-1]:])
+                i = gg.shape[-1]  # narrow, not [..., :i]: indexing takes a device guard (see layer_norm)
+                dg_out, du_out = _rows(dgu.narrow(-1, 0, i)), _rows(dgu.narrow(-1, i, i))
             else:
                 dg_out, du_out = torch.empty_like(g2), torch.empty_like(u2)
             h2 = torch.empty_like(g2) if need_w else None
@@ -176,7 +181,15 @@ def _bwd(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight:
     return [dg, du, dw, db]
 
 
-@_bwd.register_fake
+@torch.library.custom_op(f"{LIB}::gated_mlp_bwd_opaque", mutates_args=())
+def _bwd_opaque(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor], activation: str, compute_dtype: Optional[torch.dtype],
+                needs: list[bool]) -> list[torch.Tensor]:
+    """``_bwd`` by HF's exact operations (or the interpreted kernel), opaque to torch.compile."""
+    return _backward_impl(dout, g, u, weight, bias, activation, compute_dtype, needs)
+
+
+@_bwd_opaque.register_fake
 def _(dout, g, u, weight, bias, activation, compute_dtype, needs):
     need_in, need_w, need_b = needs
     i = g.shape[-1] if u is not None else g.shape[-1] // 2
@@ -185,6 +198,39 @@ def _(dout, g, u, weight, bias, activation, compute_dtype, needs):
     dw = dout.new_empty((dout.shape[-1], i), dtype=weight.dtype) if need_w else dout.new_empty(0)
     db = dout.new_empty((dout.shape[-1],), dtype=bias.dtype) if need_b and bias is not None else dout.new_empty(0)
     return [dg, du, dw, db]
+
+
+def _visible(g: torch.Tensor, u: Optional[torch.Tensor]) -> bool:
+    """Whether the triton ops run their body themselves: CUDA, compiled kernels, and views the kernels take (else
+    the body is plain PyTorch, which stays behind the opaque op so Inductor does not re-round it)."""
+    return kernels_visible(g) and _kernel_views(*_split(g, u)) is not None
+
+
+def _kernels():
+    from tempo_ds.kernels import gated_mlp as kernel
+
+    return kernel.gated_forward_kernel, kernel.gated_backward_kernel
+
+
+@triton_op(f"{LIB}::gated_mlp_fwd", kernels=_kernels)
+def _fwd(g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+         activation: str, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``F.linear(act(g) * u, weight, bias)``: on CUDA the kernel launch and the matmul themselves (visible to
+    torch.compile), elsewhere the opaque op."""
+    if _visible(g, u):
+        return _forward(g, u, weight, bias, activation, compute_dtype)
+    return _fwd_opaque(g, u, weight, bias, activation, compute_dtype)
+
+
+@triton_op(f"{LIB}::gated_mlp_bwd", kernels=_kernels)
+def _bwd(dout: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], weight: torch.Tensor,
+         bias: Optional[torch.Tensor], activation: str, compute_dtype: Optional[torch.dtype],
+         needs: list[bool]) -> list[torch.Tensor]:
+    """[d gate (or d gate_up), d up (empty when fused), d weight, d bias]; an empty tensor for each
+    gradient ``needs`` (gate/up, weight, bias) leaves out."""
+    if _visible(g, u):
+        return _backward_impl(dout, g, u, weight, bias, activation, compute_dtype, needs)
+    return _bwd_opaque(dout, g, u, weight, bias, activation, compute_dtype, needs)
 
 
 def _setup_context(ctx, inputs, output):

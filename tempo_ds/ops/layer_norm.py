@@ -139,7 +139,9 @@ def column_scores(weight: torch.Tensor | None, bias: torch.Tensor | None, out_dt
     b = (bias.detach().reshape(-1).abs().to(acc) if bias is not None
          else torch.zeros(cols, dtype=acc, device=like.device))
     fits = w * math.sqrt(n) + b <= info.max  # False for NaN too, as every comparison below
-    bad = ~((w >= info.tiny) & (b <= BIAS_RATIO_LIMIT * w) & fits)
+    # methods, not the operators ~ and &: their Python bindings take a device guard, which a CUDA launch traced
+    # on a host without CUDA (tests/test_triton_op.py) cannot have
+    bad = (w >= info.tiny).logical_and_(b <= BIAS_RATIO_LIMIT * w).logical_and_(fits).logical_not_()
     score = torch.where(fits, (b + info.tiny) / w, math.inf).nan_to_num_(nan=math.inf)
     return score, bad
 
