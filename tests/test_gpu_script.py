@@ -19,8 +19,8 @@ import torch
 MODULE = "tempo_ds.bench.gpu"
 OPS = ["inplace_gelu", "inplace_gelu tanh", "gelu_linear", "inplace_layer_norm", "inplace_rms_norm",
        "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit", "gated_mlp silu",
-       "gated_mlp gelu_tanh, fused gate_up", "linear_cross_entropy V=512"]
-NO_KERNEL = {"gelu_linear", "linear_cross_entropy V=512"}
+       "gated_mlp gelu_tanh, fused gate_up", "moe_experts E=8 k=2", "linear_cross_entropy V=512"]
+NO_KERNEL = {"gelu_linear", "moe_experts E=8 k=2", "linear_cross_entropy V=512"}
 NOT_COMPARABLE = {"attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"}  # other masks / table
 KERNELS = {"inplace_gelu": ["gelu.backward", "gelu.forward"], "inplace_gelu tanh": ["gelu.backward", "gelu.forward"],
            "inplace_layer_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],

@@ -9,7 +9,8 @@ Before anything runs, triton and the kernel modules of ``tempo_ds.kernels`` must
 
 Phase 1, kernels (issues 13 and 14): each tempo_ds op on its Triton kernel (``TEMPO_DS_TRITON=1``) and on its
 PyTorch path (``TEMPO_DS_TRITON=0``), and the plain PyTorch op it replaces (for the gated MLP HF's
-``down(act(gate) * up)``, for ``linear_cross_entropy`` HF's logits + ``F.cross_entropy``), on the same inputs:
+``down(act(gate) * up)``, for ``moe_experts`` HF's ``grouped_mm_experts_forward``, for
+``linear_cross_entropy`` HF's logits + ``F.cross_entropy``), on the same inputs:
 the largest error of the output and of the gradients against a float64 reference, which kernel launchers of
 ``tempo_ds.kernels`` each path called, and the median forward+backward time (``passes`` passes queued between
 one pair of CUDA events, so one launch's latency is not what is timed; ``perf_counter`` on the CPU). Lean
@@ -80,7 +81,8 @@ GPU = {"kernel_dtype": "bf16", "rows": 16384, "hidden": 1024, "inter": 4096, "at
        "models": [("Llama-3 small (V=128256)", "llama", "small", ("HF sdpa", "tempo_ds", "Liger")),
                   ("BERT-Large", "bert", "large", ("HF eager", "tempo_ds", "HF sdpa")),
                   ("GPT-2 Large", "gpt2", "large", ("HF eager", "tempo_ds", "HF sdpa"))],
-       "sync_models": [("BERT-Large, 2 layers", "bert", "large", 2), ("Llama-3 small", "llama", "small", None)],
+       "sync_models": [("BERT-Large, 2 layers", "bert", "large", 2), ("Llama-3 small", "llama", "small", None),
+                       ("Mixtral small, 2 layers", "mixtral", "small", 2)],
        "sync_batch": 4, "compile_model": ("Llama-3 small, 2 layers", "llama", "small", 2), "compile_seq": 512,
        "compile_batch": 8, "compile_steps": 10,
        "seq": 512, "equal_batch": 8, "max_batch": 4096, "warmup_steps": 2, "steps": 2}
@@ -309,12 +311,52 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"),
                    _autograd_reference(lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"))),
         _moe_case(randn, gen, rows, h, inter, device),
+        _moe_case(randn, gen, rows, h, inter, device),
         KernelCase(f"linear_cross_entropy V={vocab}", "HF F.cross_entropy(lm_head(x).float())",
                    [randn(lce_rows, h), randn(vocab, h, scale=h**-0.5)],
                    lambda x, w: ops.linear_cross_entropy(x, w, labels),
                    lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels),
                    _autograd_reference(lambda x, w: F.cross_entropy(F.linear(x, w), labels)), has_kernel=False),
     ]
+
+
+def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
+    """``moe_experts`` (Mixtral's 8 experts, 2 a token; rows/4 tokens, i = inter/2) against HF's default experts
+    forward (``grouped_mm_experts_forward``); the float64 reference is HF's per-expert loop."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from tempo_ds import ops
+
+    tokens, experts, k, i = max(rows // 4, 8), 8, 2, max(inter // 2, 16)
+    idx = torch.rand(tokens, experts, generator=gen).argsort(-1)[:, :k].to(device)
+
+    def gate(gate_up):
+        g, u = gate_up.chunk(2, -1)
+        return F.silu(g) * u
+
+    def hf(x, w, gu, down):
+        module = types.SimpleNamespace(num_experts=experts, has_gate=True, has_bias=False, is_transposed=False,
+                                       has_post_expert_norm=False, _is_expert_parallel=False, gate_up_proj=gu,
+                                       down_proj=down, _apply_gate=gate)
+        return grouped_mm_experts_forward(module, x, idx, w)
+
+    def loop(x, w, gu, down):
+        out = torch.zeros_like(x)
+        for e in range(experts):
+            tok, slot = torch.where(idx == e)
+            g, u = F.linear(x[tok], gu[e]).chunk(2, -1)
+            out = out.index_add(0, tok, F.linear(F.silu(g) * u, down[e]) * w[tok, slot, None])
+        return out
+
+    inputs = [randn(tokens, h), randn(tokens, k, scale=0.5, shift=0.5), randn(experts, 2 * i, h, scale=h**-0.5),
+              randn(experts, h, i, scale=i**-0.5)]
+    return KernelCase(f"moe_experts E={experts} k={k}", "HF grouped_mm experts", inputs,
+                      lambda x, w, gu, down: ops.moe_experts(x, idx, w, gu, down), hf, _autograd_reference(loop),
+                      has_kernel=False)
 
 
 def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
