@@ -33,7 +33,9 @@ Causality is then the attention module's (``module.is_causal``, or an ``is_causa
 config's ``is_causal`` switch), exactly as transformers' sdpa attention does when it receives no mask.
 Anything else (sliding windows, chunked or packed-sequence masks, a KV cache with offsets, custom mask
 functions) falls back to transformers' ``sdpa_mask``, and a materialized mask reaches the attention as it
-is: it then carries causality itself and is kept for backward (once for all layers).
+is: it then carries causality itself and is kept for backward (once for all layers). With
+``mask_check="never"`` and a padding mask given, ``sdpa_mask``'s skips (which read the padding mask on the
+host) are turned off, so it always materializes.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     ``mask_check="host"``: an all-ones padding mask gives None, decided by one host read per call (a device
     sync on CUDA; transformers calls this once per forward pass, not per layer), skipped under tracing -
     transformers' own ``sdpa_mask`` makes the same read. ``"never"``: nothing is read, the row is returned
-    even when it masks nothing (same results)."""
+    even when it masks nothing (same results), and a mask that falls back to ``sdpa_mask`` (sliding window,
+    ...) is always materialized, without its skips' reads."""
     from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
     _check_mask_check(mask_check)
@@ -109,6 +112,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                 allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
     if not _plain(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, allow_is_causal_skip,
                   allow_is_bidirectional_skip):
+        if mask_check == "never" and attention_mask is not None:  # sdpa_mask's skips read the padding mask
+            args.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(**args)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None:

@@ -99,6 +99,14 @@ def test_mask_check_values_and_the_builder():
         padding_mask(**args)
     with pytest.raises(ValueError, match="mask_check='x'; allowed values"):
         padding_mask(**args, mask_check="x")
+    # a mask the attention cannot rebuild (sliding window) is sdpa_mask's: "never" turns off its reading skips
+    from transformers.masking_utils import sdpa_mask
+
+    sliding = dict(args, local_size=S + 4)
+    assert padding_mask(**sliding) is None                                # sdpa_mask read it: all ones
+    with NoHostReads():
+        full = padding_mask(**sliding, mask_check="never")
+    assert torch.equal(full, sdpa_mask(**sliding, allow_is_causal_skip=False))
 
 
 @pytest.mark.parametrize("case", list(CASES))
