@@ -311,52 +311,12 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"),
                    _autograd_reference(lambda gu, w: _unfused_mlp(gu, None, w, "gelu_tanh"))),
         _moe_case(randn, gen, rows, h, inter, device),
-        _moe_case(randn, gen, rows, h, inter, device),
         KernelCase(f"linear_cross_entropy V={vocab}", "HF F.cross_entropy(lm_head(x).float())",
                    [randn(lce_rows, h), randn(vocab, h, scale=h**-0.5)],
                    lambda x, w: ops.linear_cross_entropy(x, w, labels),
                    lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels),
                    _autograd_reference(lambda x, w: F.cross_entropy(F.linear(x, w), labels)), has_kernel=False),
     ]
-
-
-def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
-    """``moe_experts`` (Mixtral's 8 experts, 2 a token; rows/4 tokens, i = inter/2) against HF's default experts
-    forward (``grouped_mm_experts_forward``); the float64 reference is HF's per-expert loop."""
-    import types
-
-    import torch
-    import torch.nn.functional as F
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
-    from tempo_ds import ops
-
-    tokens, experts, k, i = max(rows // 4, 8), 8, 2, max(inter // 2, 16)
-    idx = torch.rand(tokens, experts, generator=gen).argsort(-1)[:, :k].to(device)
-
-    def gate(gate_up):
-        g, u = gate_up.chunk(2, -1)
-        return F.silu(g) * u
-
-    def hf(x, w, gu, down):
-        module = types.SimpleNamespace(num_experts=experts, has_gate=True, has_bias=False, is_transposed=False,
-                                       has_post_expert_norm=False, _is_expert_parallel=False, gate_up_proj=gu,
-                                       down_proj=down, _apply_gate=gate)
-        return grouped_mm_experts_forward(module, x, idx, w)
-
-    def loop(x, w, gu, down):
-        out = torch.zeros_like(x)
-        for e in range(experts):
-            tok, slot = torch.where(idx == e)
-            g, u = F.linear(x[tok], gu[e]).chunk(2, -1)
-            out = out.index_add(0, tok, F.linear(F.silu(g) * u, down[e]) * w[tok, slot, None])
-        return out
-
-    inputs = [randn(tokens, h), randn(tokens, k, scale=0.5, shift=0.5), randn(experts, 2 * i, h, scale=h**-0.5),
-              randn(experts, h, i, scale=i**-0.5)]
-    return KernelCase(f"moe_experts E={experts} k={k}", "HF grouped_mm experts", inputs,
-                      lambda x, w, gu, down: ops.moe_experts(x, idx, w, gu, down), hf, _autograd_reference(loop),
-                      has_kernel=False)
 
 
 def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
