@@ -64,7 +64,13 @@ def is_moe_experts(module: nn.Module) -> bool:
     if isinstance(module, MoEExperts):
         return False
     params = module._parameters
-    return any(isinstance(params.get(n), torch.Tensor) and params[n].dim() == 3 for n in ("gate_up_proj", "down_proj"))
+    return any(isinstance(params.get(n), torch.Tensor) and len(_shape(params[n])) == 3
+               for n in ("gate_up_proj", "down_proj"))
+
+
+def _shape(param: torch.Tensor) -> torch.Size:
+    """The full shape, also of a ZeRO-3 Parameter partitioned away (its ``ds_shape``; its data is empty)."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
 
 
 class MoEExperts(nn.Module):
@@ -91,9 +97,10 @@ class MoEExperts(nn.Module):
             raise TypeError(f"{name} has parameters {sorted(params)}; gated experts have exactly gate_up_proj and "
                             "down_proj (biased experts, e.g. GPT-OSS, are not supported)")
         gu, down = params["gate_up_proj"], params["down_proj"]
-        if gu.dim() != 3 or down.dim() != 3 or gu.shape[1] != 2 * down.shape[2] or gu.shape[0] != down.shape[0] \
-                or gu.shape[2] != down.shape[1]:
-            raise TypeError(f"{name}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are not "
+        gu_shape, down_shape = _shape(gu), _shape(down)
+        if len(gu_shape) != 3 or len(down_shape) != 3 or gu_shape[1] != 2 * down_shape[2] \
+                or gu_shape[0] != down_shape[0] or gu_shape[2] != down_shape[1]:
+            raise TypeError(f"{name}: gate_up_proj {tuple(gu_shape)} and down_proj {tuple(down_shape)} are not "
                             "[E, 2i, h] and [E, h, i] (transposed or ungated experts are not supported)")
         if list(experts._buffers):
             raise TypeError(f"{name} holds buffers {sorted(experts._buffers)}")
@@ -121,8 +128,8 @@ class MoEExperts(nn.Module):
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
         if impl not in IMPLEMENTATIONS:
             raise TypeError(f"{name}: experts implementation {impl!r} is not one of {IMPLEMENTATIONS}")
-        if getattr(experts, "num_experts", gu.shape[0]) != gu.shape[0]:
-            raise TypeError(f"{name}.num_experts = {experts.num_experts} but gate_up_proj holds {gu.shape[0]} experts")
+        if getattr(experts, "num_experts", gu_shape[0]) != gu_shape[0]:
+            raise TypeError(f"{name}.num_experts = {experts.num_experts} but gate_up_proj holds {gu_shape[0]} experts")
         new = cls(gu, down, children["act_fn"], activation, impl)
         for attr in _PLAIN_ATTRS:
             if attr in experts.__dict__:
@@ -137,7 +144,7 @@ class MoEExperts(nn.Module):
                            self.activation, compute)
 
     def extra_repr(self) -> str:
-        e, two_i, h = self.gate_up_proj.shape
+        e, two_i, h = _shape(self.gate_up_proj)
         return (f"num_experts={e}, hidden={h}, intermediate={two_i // 2}, activation={self.activation!r}, "
                 f"implementation={self.implementation!r}")
 
