@@ -116,7 +116,7 @@ def _summary(gm) -> dict:
     """Kernels launched (in order), tensors each writes that the op received, and the custom ops left."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    kernels, written_inputs, ops = [], [], []
+    kernels, options, written_inputs, ops = [], [], [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -124,13 +124,16 @@ def _summary(gm) -> dict:
         if name in WRAPPERS:
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
             kernels.append(kernel.fn.__name__)
+            # launch options (num_warps, num_stages) travel as the one Config of an Autotuner wrapping the kernel
+            configs = getattr(kernel, "configs", None)
+            options.append([configs[0].num_warps, configs[0].num_stages] if configs else None)
             args = node.kwargs["kwargs"]
             written = node.kwargs.get("tensors_to_clone", list(args))
             written_inputs += [f"{kernels[-1]}.{a}" for a in written
                                if isinstance(args[a], torch.fx.Node) and _base(args[a]).op == "placeholder"]
         elif str(node.target).startswith("tempo_ds."):
             ops.append(str(node.target))
-    return {"kernels": kernels, "written_inputs": written_inputs, "ops": ops, "code": gm.code}
+    return {"kernels": kernels, "options": options, "written_inputs": written_inputs, "ops": ops, "code": gm.code}
 
 
 def _child() -> None:
@@ -153,6 +156,15 @@ def _child() -> None:
             out[name] = _summary(_trace(fn, inputs))
         except Exception:  # reported per op, so one failure does not hide the others
             out[name] = {"error": traceback.format_exc()[-3000:]}
+    from tempo_ds.kernels import attention, layer_norm
+    from tempo_ds.kernels._launch import SHARED_MEMORY
+
+    fwd, dkdv, dq = attention.tiles(16, 16, torch.float32, SHARED_MEMORY[90])
+    out["expected_options"] = {"attention_lean_fwd": [[fwd.num_warps, fwd.num_stages]],
+                               "attention_lean_bwd": [None, [dkdv.num_warps, dkdv.num_stages],
+                                                      [dq.num_warps, dq.num_stages]],
+                               "inplace_layer_norm_fwd": [[layer_norm._launch(64)[1], 3]],
+                               "inplace_layer_norm_bwd": [[layer_norm._launch(64, backward=True)[1], 3]]}
     print("RESULT " + json.dumps(out))
 
 
@@ -174,6 +186,8 @@ def test_cuda_trace_shows_the_kernel_launches(cuda_traces, op):
     assert summary["kernels"] == EXPECTED[op], summary["code"]
     assert summary["written_inputs"] == [], summary["code"]
     assert not any(o.endswith("_opaque.default") for o in summary["ops"]), summary["code"]
+    if op in cuda_traces["expected_options"]:  # the launch options the op chose reach the graph
+        assert summary["options"] == cuda_traces["expected_options"][op]
 
 
 def test_cpu_trace_keeps_the_opaque_ops():
