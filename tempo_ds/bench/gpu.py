@@ -25,7 +25,7 @@ Phase 2, sync check (issue 14): one training step of BERT-Large (2 layers) and t
 sdpa and tempo_ds (default config) without an attention mask, and tempo_ds with ``mask_check="never"`` on the
 batch's all-ones mask (the default config and HF's sdpa_mask read an all-ones mask on the host once per
 forward, by design; without a mask, transformers reads a causal LM's position_ids instead, to detect packed
-sequences, so the Llama rows without a mask are expected to fail there), under
+sequences, so the causal-LM rows (Llama, Mixtral) without a mask are expected to fail there), under
 ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up step outside it: forward+backward and the
 optimizer step pass or fail (first synchronizing call and where it came from).
 
