@@ -11,7 +11,8 @@
   needs a Triton target to build the TTIR from: a host without a GPU has no driver, so the child names sm_90.
   Autograd on fake CUDA tensors aborts a CPU-only torch build, so forward and backward ops are traced apart
   (``register_autograd`` joining them is the same code the CPU tests run).
-* CPU: the same trace, with autograd, holds the opaque ops and no Triton node: the PyTorch path is unchanged.
+* CPU: the same traces hold the opaque ops and no Triton node (and so does a forward + backward through
+  autograd): the PyTorch path is unchanged, and torch.compile still cannot see into it.
 """
 from __future__ import annotations
 
@@ -188,6 +189,14 @@ def test_cuda_trace_shows_the_kernel_launches(cuda_traces, op):
     assert not any(o.endswith("_opaque.default") for o in summary["ops"]), summary["code"]
     if op in cuda_traces["expected_options"]:  # the launch options the op chose reach the graph
         assert summary["options"] == cuda_traces["expected_options"][op]
+
+
+def test_cpu_traces_of_every_op_hold_its_opaque_op():
+    """The same calls on CPU tensors: each op decomposes into exactly its opaque op, no Triton node."""
+    for name, fn, inputs in _calls("cpu", _silu_table()):
+        summary = _summary(_trace(fn, inputs))
+        assert summary["kernels"] == [], name
+        assert summary["ops"] == [f"tempo_ds.{name}_opaque.default"], (name, summary["code"])
 
 
 def test_cpu_trace_keeps_the_opaque_ops():
