@@ -147,7 +147,6 @@ def _mlp_class():
 
 def _attention_class():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.utils import divide
 
@@ -202,7 +201,7 @@ def _attention_class():
                 raise ValueError("TempoDotProductAttention does not support attention_bias")
             mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
             sq, sk = query.shape[0], key.shape[0]
-            attend, causal = _mask_and_causal(attention_mask, mask_type, AttnMaskType, sq, sk)
+            attend, causal = _mask_and_causal(attention_mask, mask_type, sq, sk)
             # [s, b, n, d] -> [b, n, s, d] (views; grouped-query k/v keep their own head count)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
             p = self.dropout_p if self.training else 0.0
@@ -223,7 +222,7 @@ def _attention_class():
     return TempoDotProductAttention
 
 
-def _mask_and_causal(attention_mask, mask_type, AttnMaskType, sq: int, sk: int):
+def _mask_and_causal(attention_mask: Optional[torch.Tensor], mask_type, sq: int, sk: int):
     """``(attend, is_causal)`` for ``tempo_ds.ops.attention`` from Megatron's ``attention_mask`` (boolean, True =
     masked out, or None) and ``attn_mask_type``, decided from the type and shapes only (no value is read):
 
@@ -238,6 +237,8 @@ def _mask_and_causal(attention_mask, mask_type, AttnMaskType, sq: int, sk: int):
 
     One query (``sq == 1``) is never causal (it sees every key, as in Megatron). The inverted mask is shared by
     every layer that receives the same unmodified mask (:func:`_attend_mask`), so it is kept once."""
+    from megatron.core.transformer.enums import AttnMaskType
+
     if mask_type == AttnMaskType.causal_bottom_right and sq != sk:
         raise ValueError("TempoDotProductAttention: causal_bottom_right needs sq == sk")
     if mask_type not in (AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding,

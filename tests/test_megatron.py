@@ -353,13 +353,13 @@ def test_causal_type_ignores_the_mask_and_the_cpu_rank_stream_leaves_the_generat
     from megatron.core.transformer.enums import AttnMaskType as T
 
     mask = torch.rand(B, 1, S, S) > 0.5
-    assert tm._mask_and_causal(mask, T.causal, T, S, S) == (None, True)
-    assert tm._mask_and_causal(mask, T.causal, T, 1, S) == (None, False)
-    assert tm._mask_and_causal(None, T.no_mask, T, S, S) == (None, False)
+    assert tm._mask_and_causal(mask, T.causal, S, S) == (None, True)
+    assert tm._mask_and_causal(mask, T.causal, 1, S) == (None, False)
+    assert tm._mask_and_causal(None, T.no_mask, S, S) == (None, False)
     for kind, causal in ((T.padding, False), (T.padding_causal, True), (T.arbitrary, False)):
-        attend, is_causal = tm._mask_and_causal(mask, kind, T, S, S)
+        attend, is_causal = tm._mask_and_causal(mask, kind, S, S)
         assert is_causal is causal and torch.equal(attend, ~mask)
-        assert tm._mask_and_causal(mask, kind, T, S, S)[0] is attend  # one inversion for every layer
+        assert tm._mask_and_causal(mask, kind, S, S)[0] is attend  # one inversion for every layer
     del mask, attend
     assert tm._INVERTED == [None, -1, None]  # released with Megatron's mask
     draws = []
