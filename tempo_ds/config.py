@@ -74,8 +74,9 @@ class TempoConfig(_Strict):
                          mask (on CUDA, SDPA's flash backend can take them)
                never     never read the mask on the host: the [b, 1, 1, s] padding row is always passed
                          (same results, no device sync; on CUDA an all-ones mask then runs SDPA's
-                         memory-efficient backend instead of flash). Pass ``attention_mask=None`` for unpadded
-                         batches to get flash without a read
+                         memory-efficient backend instead of flash). An encoder given ``attention_mask=None``
+                         for unpadded batches gets flash without a read; a causal LM without a mask has
+                         transformers read its position_ids (packed-sequence detection), so pass it the mask
     skip       module-name patterns (fnmatch) that injection leaves alone
     """
 

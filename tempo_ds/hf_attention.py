@@ -27,7 +27,9 @@ bidirectional masks that BERT, GPT-2, Llama and their kin build in training:
 * otherwise the padding row itself, boolean [b, 1, 1, s_kv] (True = attend): one byte per key, shared by
   every layer, instead of b * s_q * s_kv bytes. With ``mask_check="never"`` an all-ones row is passed too:
   the results are the same and nothing is read on the host (on CUDA SDPA's memory-efficient backend then
-  takes the call instead of flash). Pass ``attention_mask=None`` for unpadded batches to have both.
+  takes the call instead of flash). An encoder (BERT) given ``attention_mask=None`` for unpadded batches has
+  both; a causal LM without a mask has transformers read its ``position_ids`` instead (packed-sequence
+  detection, outside tracing), so pass it the mask.
 
 Causality is then the attention module's (``module.is_causal``, or an ``is_causal`` keyword, and the
 config's ``is_causal`` switch), exactly as transformers' sdpa attention does when it receives no mask.
