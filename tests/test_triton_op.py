@@ -10,7 +10,8 @@
   ones the rest of the suite imports (conftest sets ``TRITON_INTERPRET=1`` before triton is imported), and it
   needs a Triton target to build the TTIR from: a host without a GPU has no driver, so the child names sm_90.
   Autograd on fake CUDA tensors aborts a CPU-only torch build, so forward and backward ops are traced apart
-  (``register_autograd`` joining them is the same code the CPU tests run).
+  (``register_autograd`` joining them is the same code the CPU tests run). ``torch.export`` of a CUDA call
+  keeps the op whole (no Triton node in the program).
 * CPU: the same traces hold the opaque ops and no Triton node (and so does a forward + backward through
   autograd): the PyTorch path is unchanged, and torch.compile still cannot see into it.
 """
@@ -157,6 +158,12 @@ def _child() -> None:
             out[name] = _summary(_trace(fn, inputs))
         except Exception:  # reported per op, so one failure does not hide the others
             out[name] = {"error": traceback.format_exc()[-3000:]}
+    class Gelu(torch.nn.Module):  # torch.export keeps a triton op whole: no Triton source in the program
+        def forward(self, x):
+            return torch.ops.tempo_ds.inplace_gelu_fwd(x, "none")[0]
+
+    exported = torch.export.export(Gelu(), (calls[0][2][0],))
+    out["export"] = _summary(exported.graph_module)
     from tempo_ds.kernels import attention, layer_norm
     from tempo_ds.kernels._launch import SHARED_MEMORY
 
@@ -189,6 +196,11 @@ def test_cuda_trace_shows_the_kernel_launches(cuda_traces, op):
     assert not any(o.endswith("_opaque.default") for o in summary["ops"]), summary["code"]
     if op in cuda_traces["expected_options"]:  # the launch options the op chose reach the graph
         assert summary["options"] == cuda_traces["expected_options"][op]
+
+
+def test_cuda_export_keeps_the_op_whole(cuda_traces):
+    summary = cuda_traces["export"]
+    assert summary["ops"] == ["tempo_ds.inplace_gelu_fwd.default"] and summary["kernels"] == [], summary["code"]
 
 
 def test_cpu_traces_of_every_op_hold_its_opaque_op():
