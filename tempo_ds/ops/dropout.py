@@ -17,9 +17,10 @@ mask of the input's size (one byte per element on CUDA, one input-dtype element 
 
 The op is ``tempo_ds::seed_dropout_fwd(x, seed, p)``, a triton op (``tempo_ds.ops._library``): on CUDA
 torch.compile sees the kernel launch, elsewhere it calls the opaque ``tempo_ds::seed_dropout_fwd_opaque``
-(the chunked PyTorch path, or the interpreted kernel). Its backward is the same op applied to the gradient, so it is differentiable again. The
-seed is drawn in the wrapper and reaches the op as a tensor: nothing reads it on the host (DESIGN.md
-section 5, rules 10-11), so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through.
+(the chunked PyTorch path, or the interpreted kernel). Its backward is the same op applied to the gradient,
+so it is differentiable again. The seed is drawn in the wrapper and reaches the op as a tensor: nothing reads
+it on the host (DESIGN.md section 5, rules 10-11), so ``torch.compile(fullgraph=True)`` and ``torch.export``
+trace through.
 
 The mask depends only on the seed and the element's logical index, never on strides or the device, so
 the PyTorch path here and the Triton kernel (``tempo_ds.kernels.dropout``) build the same mask bit for

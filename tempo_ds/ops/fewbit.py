@@ -46,8 +46,8 @@ temporaries; it packs with uint8 / int32 arithmetic into exactly the layout of
 Custom ops: ``tempo_ds::fewbit_fwd(x, name, bits, borders, levels, band, nan_code) -> (y, packed)`` and
 ``tempo_ds::fewbit_bwd(grad, packed, levels, bits) -> grad_in``, the table passed as lists of floats: triton
 ops (``tempo_ds.ops._library``: on CUDA torch.compile sees the kernel launches, elsewhere they call the opaque
-``fewbit_fwd_opaque`` / ``fewbit_bwd_opaque``), joined by ``register_autograd``; both run with autocast off (the activation is
-computed in x's dtype, as the ``torch.nn`` modules are on CPU). The output is always contiguous.
+``fewbit_fwd_opaque`` / ``fewbit_bwd_opaque``), joined by ``register_autograd``; both run with autocast off
+(the activation is computed in x's dtype, as the ``torch.nn`` modules are on CPU). The output is always contiguous.
 """
 from __future__ import annotations
 
