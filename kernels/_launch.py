@@ -1,10 +1,12 @@
 """How every kernel of ``tempo_ds.kernels`` is launched: through ``torch.library.wrap_triton``, with seeds as
 device tensors and tiles that fit the device's shared memory.
 
-* :func:`launcher` returns ``wrap_triton(kernel)``, so ``torch.compile`` and ``torch.export`` (inside a
-  ``torch.library.triton_op``) see the launch instead of an opaque call; in eager it launches the kernel as
+* :func:`launcher` returns ``wrap_triton(kernel)``: inside the body of a triton op
+  (``tempo_ds.ops._library.triton_op``, the ops' CUDA path) ``torch.compile`` records the launch as a
+  ``triton_kernel_wrapper_functional`` node, which Inductor compiles and schedules with the rest of the graph;
+  in eager (the op's body on real tensors, where ``wrap_triton`` is switched off) it launches the kernel as
   usual. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes an ``InterpretedFunction``, which ``wrap_triton``
-  cannot trace; it is launched directly.
+  cannot trace; it is launched directly (from the ops' opaque custom ops).
 * :func:`seed_tensor` turns a dropout seed into the 1-element int64 device tensor the kernels load their seed
   from: the seed stays on the device, so drawing it never syncs the host (DESIGN.md section 5, rule 10). A
   Python int is still accepted (copied to the device).
