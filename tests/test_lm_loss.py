@@ -12,7 +12,7 @@ from helpers import assert_checkpoint_matches, assert_within_2x_of_torch
 from tempo_ds.lm_loss import LMLossHead, full_logits
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.ops import linear_cross_entropy
-from tempo_ds.ops.linear_cross_entropy import tile_shape
+from tempo_ds.ops.linear_cross_entropy import MIN_COLS, TILE_BYTES, tile_shape
 
 N, H, V = 13, 7, 19
 
@@ -36,14 +36,24 @@ def reference(h, w, y, b=None, softcap=None, logit_scale=None, **kw):
     return F.cross_entropy(z.float() if z.dtype != torch.float64 else z, y, **kw)
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.fixture
+def small_sub_blocks(monkeypatch):
+    """Sub-blocks of a few rows (CPU's are 2^18 float32 values, more than these tiles): the loop over them runs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules["tempo_ds.ops.linear_cross_entropy"].SUB_ELEMENTS, "cpu", 16)
+
+
+@pytest.mark.parametrize("kw", [  # small=True: sub-blocks of a few rows
     dict(softcap=3.0, logit_scale=0.7),
-    dict(token_chunk=4, vocab_chunk=5, softcap=2.0, num_items_in_batch=torch.tensor(7)),
+    dict(token_chunk=4, vocab_chunk=5, softcap=2.0, num_items_in_batch=torch.tensor(7), small=True),
     dict(token_chunk=3, vocab_chunk=8, logit_scale=1.3, reduction="none", ignore_index=4),
-    dict(token_chunk=5, reduction="sum")])
-def test_gradcheck_float64_and_equal_to_pytorch(kw):
-    h, w, b, y = (t.requires_grad_(t.is_floating_point()) for t in _op_inputs())
+    dict(token_chunk=5, reduction="sum", small=True)])
+def test_gradcheck_float64_and_equal_to_pytorch(kw, request):
     kw = dict(kw)
+    if kw.pop("small", False):
+        request.getfixturevalue("small_sub_blocks")
+    h, w, b, y = (t.requires_grad_(t.is_floating_point()) for t in _op_inputs())
     if "ignore_index" in kw:
         y = torch.where(y == -100, kw["ignore_index"], y)
     ref_kw = {k: kw[k] for k in ("softcap", "logit_scale") if k in kw}
@@ -60,8 +70,15 @@ def test_opcheck_and_tiles():
 
     h, w, b, y = _op_inputs(torch.float32)
     torch.library.opcheck(_forward, (h.requires_grad_(), w.requires_grad_(), b, y, -100, 2.0, None, None, 4, 5))
-    assert tile_shape(512, 128256) == (512, 16384) and tile_shape(65536, 128256) == (1024, 8192)
+    # the whole problem when it fits TILE_BYTES (16 MiB of the compute dtype), else equal vocabulary blocks of all
+    # tokens, token chunks only below MIN_COLS columns; the bound on the tile is the docstring's transient bytes
+    assert tile_shape(1024, 8192, itemsize=2) == (1024, 8192) and tile_shape(2048, 8192, itemsize=2) == (2048, 4096)
+    assert tile_shape(512, 128256, itemsize=2) == (512, 16032) and tile_shape(512, 128256) == (512, 8016)
+    assert tile_shape(65536, 128256, itemsize=2) == (2048, 4008)
     assert tile_shape(16, 512) == (16, 512) and tile_shape(16, 512, 3, 7) == (3, 7)
+    for n, v, size in ((1, 262144, 4), (100000, 50, 2), (4097, 151936, 2), (3, 5, 8)):
+        rows, cols = tile_shape(n, v, itemsize=size)
+        assert rows * cols * size <= TILE_BYTES and (cols > MIN_COLS // 2 or cols == v)
 
 
 def test_saves_hidden_labels_and_one_float32_lse_per_token():
@@ -78,7 +95,7 @@ def test_saves_hidden_labels_and_one_float32_lse_per_token():
     assert meter.total_bytes == 0
 
 
-def test_bf16_and_autocast_within_2x_of_pytorch():
+def test_bf16_and_autocast_within_2x_of_pytorch(small_sub_blocks):
     h, w, b, y = _op_inputs(torch.float32, seed=3)
     h, w = h * 2, w / 2
 

@@ -19,16 +19,31 @@ Saved for backward: ``h`` itself (in a model, the final norm's output, which tha
 weight and bias Parameter objects, the labels and one float32 log-sum-exp per token: ``4 N`` bytes beyond
 what the model keeps already, instead of PyTorch's ``4 N V`` bytes of float32 log-softmax.
 
-Cost: one extra logits matmul (the recompute in backward), i.e. 4 instead of 3 ``N x H x V`` matmuls.
+Cost: one extra logits matmul (the recompute in backward), i.e. 4 instead of 3 ``N x H x V`` matmuls, but no
+``[N, V]`` tensor allocated, written and read back whole: on CPU (one thread) the head + loss take 0.5-0.8x the
+CPU time of ``F.linear`` + ``F.cross_entropy`` (``tests/scripts/lm_loss_speed.py``).
 
-Tiles: a tile is ``rows x cols`` logits; by default at most ``TILE_ELEMENTS`` = 2^23 (32 MiB in float32; the
-tile's transients -- the matmul output, exp, the softcap's tanh and the compute-dtype gradient -- stay under
-about 100 MiB) with at least ``MIN_COLS`` = 8192 vocabulary columns (or the whole vocabulary): up to 1024
-tokens make one token chunk, fewer tokens get wider vocabulary blocks (512 tokens x 16384 columns for a
-128k vocabulary). Narrower blocks ran slower on CPU (more, thinner matmuls).
+Tiles: a tile is ``rows x cols`` logits in the matmul (compute) dtype, written by ``mm``/``addmm`` into one
+workspace that every tile of a pass reuses: at most ``TILE_BYTES`` = 16 MiB (2^23 bf16 logits, 2^22 float32)
+with at least ``MIN_COLS`` = 4096 vocabulary columns (or the whole vocabulary), then evened out into equal blocks
+(:func:`tile_shape`). All tokens make one chunk while ``N x MIN_COLS`` fits, the vocabulary is cut into as few
+blocks as fit; the whole problem is one tile when it fits (BERT-Large's 1024 tokens x 8192; BERT-tiny's 2048 x 8192 bf16 is two blocks of 4096 columns, Llama-3's 512
+x 128256 eight of 16384). The elementwise work (float32 upcast, scale, softcap, softmax, the gradient) runs over
+row sub-blocks of the tile of at most ``SUB_ELEMENTS`` float32 values -- 2^18 (1 MiB) on CPU, so that its five or
+six passes stay in a core's L2 cache, 2^22 (16 MiB) on other devices -- in one reused float32 workspace (two in a
+softcap's backward), and the gradient goes back into the tile, rounded to the compute dtype, for the two matmuls.
+Transient bytes of a pass, none kept for backward: the tile (<= 16 MiB), the sub-block workspaces (<= 2 MiB on
+CPU), compute-dtype copies of ``h`` and of one vocabulary block of ``W`` where they are not in that dtype
+(autocast), and in backward with several vocabulary blocks a float32 ``N x H`` ``dh`` accumulator (plus a
+``rows x H`` compute-dtype buffer), with several token chunks a float32 ``cols x H`` ``dW`` accumulator.
+Why these sizes (CPU, measured): glibc serves a repeated allocation of up to 32 MiB from its heap once one was
+freed, while larger ones are fresh ``mmap``s whose page faults cost as much as the matmul at ``h = 128`` (a 32 MiB
+tile made BERT-tiny's head + loss 1.7x slower); thinner tiles make thinner, slower matmuls; separate passes
+over a tile in main memory (or one mixed-dtype op) cost 2-6x the same passes over an L2-resident sub-block.
 The backward loops over vocabulary blocks outermost: each block of ``dW`` is one matmul over the whole token
 chunk (rounded once, as autograd's ``dW`` is); with several token chunks the block is accumulated in float32.
-``dh`` is accumulated in float32 over vocabulary blocks (an ``N x H`` float32 transient) and rounded once.
+``dh`` is one matmul when the vocabulary is one block, else accumulated in float32 over blocks and rounded once.
+Every tile size gives the same loss and gradients up to rounding order; the saved set does not depend on it.
 
 Precision: the logits are rounded to the matmul dtype (as ``nn.Linear``'s output is), then everything runs in
 float32 (float64 for float64 inputs): scale, softcap and softmax are never rounded to bf16, so a bf16 model
@@ -48,8 +63,8 @@ from ._zero import gathered
 
 __all__ = ["linear_cross_entropy", "tile_shape", "sub_rows", "TILE_BYTES", "MIN_COLS", "SUB_ELEMENTS", "REDUCTIONS"]
 
-TILE_BYTES = 32 << 20
-MIN_COLS = 8192
+TILE_BYTES = 16 << 20
+MIN_COLS = 4096
 SUB_ELEMENTS = {"cpu": 1 << 18}  # float32 sub-block: 1 MiB, stays in a core's L2 cache
 SUB_ELEMENTS_OTHER = 1 << 22     # elsewhere (GPU): 16 MiB, few launches
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,12 +72,18 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def tile_shape(n_tokens: int, vocab: int, rows: int | None = None, cols: int | None = None,
                itemsize: int = 4) -> tuple[int, int]:
-    """``(rows, cols)`` of the logits tiles for ``n_tokens`` x ``vocab`` in a dtype of ``itemsize`` bytes:
-    explicit values win, else at most ``TILE_BYTES`` per tile with at least ``MIN_COLS`` columns (or the whole
-    vocabulary) -- the whole problem in one tile when it fits."""
+    """``(rows, cols)`` of the logits tiles for ``n_tokens`` x ``vocab`` in a dtype of ``itemsize`` bytes (the
+    compute dtype's): explicit values win, else at most ``TILE_BYTES`` per tile with at least ``MIN_COLS`` columns
+    (or the whole vocabulary) -- the whole problem in one tile when it fits -- then evened out into blocks of
+    equal size (never wider, so never over the budget; at least half as wide)."""
+    n_tokens, vocab = max(n_tokens, 1), max(vocab, 1)
     budget = max(1, TILE_BYTES // itemsize)
-    cols = cols or min(vocab, max(MIN_COLS, budget // max(n_tokens, 1)))
-    rows = rows or max(1, budget // cols)
+    if not cols:
+        cols = min(vocab, max(MIN_COLS, budget // n_tokens))
+        cols = -(-vocab // -(-vocab // cols))  # as many blocks, all of the same width
+    if not rows:
+        rows = min(n_tokens, max(1, budget // cols))
+        rows = -(-n_tokens // -(-n_tokens // rows))
     return max(1, min(rows, n_tokens)), max(1, min(cols, vocab))
 
 
