@@ -140,8 +140,15 @@ def test_no_host_reads_and_opcheck():
         with _NoHostReads():
             moe_experts(x, idx, wd, gu, down).sum().backward()
         assert all(t.grad is not None for t in (x, wd, gu, down))
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.tempo_ds.moe_experts_fwd, (x, idx, wd, gu, down, "silu", dtype, True),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+                          test_utils=utils)
+    x = x.detach().t().contiguous().t()  # a column-major input: dx still comes back as the fake says
+    dy, saved = torch.randn_like(x), torch.randn(12, 16, dtype=dtype, generator=gen)
+    for needs in ([True, True, True, True], [False, True, False, True]):
+        torch.library.opcheck(torch.ops.tempo_ds.moe_experts_bwd,
+                              (dy, x, idx, wd.detach(), saved, gu.detach(), down.detach(), "silu", dtype, needs),
+                              test_utils=utils[:2])
 
 
 def test_bytes_kept_on_a_tiny_mixtral():

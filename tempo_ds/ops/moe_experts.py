@@ -154,29 +154,33 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
         g, u = gu.chunk(2, dim=-1)
         a = _act(g, activation)
         h = a * u
-        empty = dy.new_empty(0)
-        dw = empty
+        dw = dy.new_empty(0)  # each left-out gradient its own empty tensor: outputs must not alias
         if need_w:
             o = _mm(h, wd.transpose(-2, -1), offs, ids, grouped)
             dw = torch.zeros_like(w_g).index_put_((perm,), (dy_g * o).sum(-1)).view(top_k_weights.shape)
         dwd = _mm_weight(h, do, offs, ids, num_experts, grouped).transpose(-2, -1).to(down_proj.dtype) \
-            if need_d else empty
+            if need_d else dy.new_empty(0)
         dh = _mm(do, wd, offs, ids, grouped)
         dgu = torch.cat([_act_backward(dh * u, g, activation), dh * a], dim=-1)
-        dx = dgup = empty
+        dx, dgup = dy.new_empty(0), dy.new_empty(0)
         if need_gu:
             xg = x[tok].to(cd)
             dgup = _mm_weight(xg, dgu, offs, ids, num_experts, grouped).transpose(-2, -1).to(gate_up_proj.dtype)
         if need_x:
             dxg = _mm(dgu, gate_up_proj.to(cd), offs, ids, grouped).to(x.dtype)
-            dx = torch.zeros_like(x).index_put_((tok,), dxg, accumulate=True)
+            dx = x.new_zeros(x.shape).index_put_((tok,), dxg, accumulate=True)
         return [dx, dw, dgup, dwd]
 
 
 @_bwd.register_fake
 def _(dy, x, top_k_index, top_k_weights, gu, gate_up_proj, down_proj, activation, compute_dtype, needs):
-    shapes = (x, top_k_weights, gate_up_proj, down_proj)
-    return [t.new_empty(t.shape) if need else dy.new_empty(0) for t, need in zip(shapes, needs)]
+    need_x, need_w, need_gu, need_d = needs
+    e, two_i, h = gate_up_proj.shape
+    # the weight gradients come out of the grouped matmul as [E, in, out], transposed to the Parameters' shape
+    return [x.new_empty(x.shape) if need_x else dy.new_empty(0),
+            top_k_weights.new_empty(top_k_weights.shape) if need_w else dy.new_empty(0),
+            gate_up_proj.new_empty((e, h, two_i)).transpose(-2, -1) if need_gu else dy.new_empty(0),
+            down_proj.new_empty((e, two_i // 2, h)).transpose(-2, -1) if need_d else dy.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
