@@ -153,9 +153,12 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         tiles = _Tiles(hidden, weight, bias, compute, rows, cols)
         sub = sub_rows(hidden.device, tiles.rows, tiles.cols)
         ws = None if compute == acc else hidden.new_empty(sub * tiles.cols, dtype=acc)
+        plain = scale is None and softcap is None
         for c0, c1, w, b in tiles.blocks():
             inside, col = _label_column(labels, c0, c1)
             for r0, r1, z in tiles.chunks(w, b):
+                if plain:  # the target logits straight from the tile: float32 of them is exact
+                    target[r0:r1] += torch.where(inside[r0:r1], z.gather(1, col[r0:r1]).squeeze(1).to(acc), 0)
                 for s0 in range(r0, r1, sub):
                     s1 = min(s0 + sub, r1)
                     f = z[s0 - r0:s1 - r0]
@@ -165,13 +168,14 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                         f.mul_(scale)
                     if softcap is not None:
                         f.div_(softcap).tanh_().mul_(softcap)
-                    target[s0:s1] += torch.where(inside[s0:s1], f.gather(1, col[s0:s1]).squeeze(1), 0)
-                    m = f.amax(1, keepdim=True)
-                    part = f.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))
+                    if not plain:
+                        target[s0:s1] += torch.where(inside[s0:s1], f.gather(1, col[s0:s1]).squeeze(1), 0)
+                    m = f.amax(1)
+                    f.sub_(m.unsqueeze(1)).exp_()
                     if c0 == 0:
-                        lse[s0:s1] = part
+                        torch.sum(f, 1, out=lse[s0:s1]).log_().add_(m)
                     else:
-                        torch.logaddexp(lse[s0:s1], part, out=lse[s0:s1])
+                        torch.logaddexp(lse[s0:s1], f.sum(1).log_().add_(m), out=lse[s0:s1])
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
     loss = torch.where(valid, torch.where(in_range, lse - target, float("nan")), 0).to(acc)
