@@ -165,9 +165,9 @@ def _child() -> None:
     exported = torch.export.export(Gelu(), (calls[0][2][0],))
     out["export"] = _summary(exported.graph_module)
     from tempo_ds.kernels import attention, layer_norm
-    from tempo_ds.kernels._launch import SHARED_MEMORY
+    from tempo_ds.kernels._launch import shared_memory_limit
 
-    fwd, dkdv, dq = attention.tiles(16, 16, torch.float32, SHARED_MEMORY[90])
+    fwd, dkdv, dq = attention.tiles(16, 16, torch.float32, shared_memory_limit(torch.device("cuda")))
     out["expected_options"] = {"attention_lean_fwd": [[fwd.num_warps, fwd.num_stages]],
                                "attention_lean_bwd": [None, [dkdv.num_warps, dkdv.num_stages],
                                                       [dq.num_warps, dq.num_stages]],
