@@ -20,26 +20,29 @@ weight and bias Parameter objects, the labels and one float32 log-sum-exp per to
 what the model keeps already, instead of PyTorch's ``4 N V`` bytes of float32 log-softmax.
 
 Cost: one extra logits matmul (the recompute in backward), i.e. 4 instead of 3 ``N x H x V`` matmuls, but no
-``[N, V]`` tensor allocated, written and read back whole: on CPU (one thread) the head + loss take 0.5-0.8x the
-CPU time of ``F.linear`` + ``F.cross_entropy`` (``tests/scripts/lm_loss_speed.py``).
+``[N, V]`` tensor allocated, written and read back whole: on CPU (one thread) the head + loss take 0.5-0.9x the
+CPU time of ``F.linear`` + ``F.cross_entropy`` (about 1x at ``H = 1024``, where the fourth matmul weighs most;
+``tests/scripts/lm_loss_speed.py``).
 
 Tiles: a tile is ``rows x cols`` logits in the matmul (compute) dtype, written by ``mm``/``addmm`` into one
 workspace that every tile of a pass reuses: at most ``TILE_BYTES`` = 16 MiB (2^23 bf16 logits, 2^22 float32)
 with at least ``MIN_COLS`` = 4096 vocabulary columns (or the whole vocabulary), then evened out into equal blocks
-(:func:`tile_shape`). All tokens make one chunk while ``N x MIN_COLS`` fits, the vocabulary is cut into as few
-blocks as fit; the whole problem is one tile when it fits (BERT-Large's 1024 tokens x 8192; BERT-tiny's 2048 x 8192 bf16 is two blocks of 4096 columns, Llama-3's 512
-x 128256 eight of 16384). The elementwise work (float32 upcast, scale, softcap, softmax, the gradient) runs over
-row sub-blocks of the tile of at most ``SUB_ELEMENTS`` float32 values -- 2^18 (1 MiB) on CPU, so that its five or
-six passes stay in a core's L2 cache, 2^22 (16 MiB) on other devices -- in one reused float32 workspace (two in a
-softcap's backward), and the gradient goes back into the tile, rounded to the compute dtype, for the two matmuls.
-Transient bytes of a pass, none kept for backward: the tile (<= 16 MiB), the sub-block workspaces (<= 2 MiB on
+(:func:`tile_shape`). All tokens make one chunk while ``N x MIN_COLS`` fits, and the vocabulary is cut into as
+few blocks as fit: the whole problem is one tile when it fits (BERT-Large's 1024 tokens x 8192 in bf16),
+BERT-tiny's 2048 x 8192 is two blocks of 4096 columns, Llama-3's 512 x 128256 eight of 16032. The elementwise
+work (float32 upcast, scale, softcap, softmax, the gradient) runs over row sub-blocks of the tile of at most
+``SUB_ELEMENTS`` float32 values -- 2^18 (1 MiB) on CPU, so that its five or six passes stay in a core's L2
+cache, 2^22 (16 MiB) on other devices -- in one reused float32 workspace (two in a softcap's backward); the
+gradient goes back into the tile, rounded to the compute dtype, for the two matmuls.
+Transient bytes of a pass (none kept for backward): the tile (<= 16 MiB), the sub-block workspaces (<= 2 MiB on
 CPU), compute-dtype copies of ``h`` and of one vocabulary block of ``W`` where they are not in that dtype
-(autocast), and in backward with several vocabulary blocks a float32 ``N x H`` ``dh`` accumulator (plus a
-``rows x H`` compute-dtype buffer), with several token chunks a float32 ``cols x H`` ``dW`` accumulator.
+(autocast), a few ``N``-element vectors; in backward also the ``cols x H`` matmul result for a block of ``dW``
+when ``W`` is not in the compute dtype, with several vocabulary blocks a float32 ``N x H`` ``dh`` accumulator
+(plus a ``rows x H`` compute-dtype buffer), with several token chunks a float32 ``cols x H`` ``dW`` accumulator.
 Why these sizes (CPU, measured): glibc serves a repeated allocation of up to 32 MiB from its heap once one was
-freed, while larger ones are fresh ``mmap``s whose page faults cost as much as the matmul at ``h = 128`` (a 32 MiB
-tile made BERT-tiny's head + loss 1.7x slower); thinner tiles make thinner, slower matmuls; separate passes
-over a tile in main memory (or one mixed-dtype op) cost 2-6x the same passes over an L2-resident sub-block.
+freed, while larger ones are fresh ``mmap``s whose page faults cost as much as the matmul at ``H = 128`` (a 32 MiB
+tile made BERT-tiny's head + loss 1.7x slower); thinner tiles make thinner, slower matmuls; separate passes over
+a tile in main memory (or one mixed-dtype op) cost 2-6x the same passes over an L2-resident sub-block.
 The backward loops over vocabulary blocks outermost: each block of ``dW`` is one matmul over the whole token
 chunk (rounded once, as autograd's ``dW`` is); with several token chunks the block is accumulated in float32.
 ``dh`` is one matmul when the vocabulary is one block, else accumulated in float32 over blocks and rounded once.
