@@ -261,8 +261,8 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
                         dw_acc += torch.mm(z.t(), tiles.h[r0:r1])
                     elif dw.dtype == compute:
                         torch.mm(z.t(), tiles.h[r0:r1], out=dw[c0:c1])
-                    else:
-                        dw[c0:c1] = torch.mm(z.t(), tiles.h[r0:r1])
+                    else:  # into the block's weight cast, done with (one chunk, dh above): no new buffer
+                        dw[c0:c1] = torch.mm(z.t(), tiles.h[r0:r1], out=w)
             if dw_acc is not None:
                 dw[c0:c1] = dw_acc
             if need_b:
