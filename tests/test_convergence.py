@@ -2,7 +2,7 @@
 the same initialisation, data order and training loop (the bench's ``train``), only the injection differs.
 
 BertForMaskedLM, 2 layers, hidden 128, 2 heads, MLP 512 (the ``tiny`` preset), bf16 weights with fp32 master
-weights and AdamW (lr 1e-3), batches of 16 x 64 tokens, 300 steps; final loss = mean of the last 20 steps.
+weights and AdamW (lr 1e-3), batches of 16 x 64 tokens, 150 steps (the loss falls from about 8.05 to 6.41); final loss = mean of the last 20 steps.
 One intra-op thread: on a shared 2-core machine two threads wait on each other longer than they compute.
 
 - Dropout off (hidden and attention dropout 0): the two runs differ only by rounding, so tempo_ds must end
@@ -17,7 +17,7 @@ from itertools import islice
 import pytest
 import torch
 
-STEPS, LAST, SEQ, BATCH, LR = 300, 20, 64, 16, 1e-3
+STEPS, LAST, SEQ, BATCH, LR = 150, 20, 64, 16, 1e-3
 
 
 def _setup(dropout: bool):
