@@ -33,10 +33,8 @@ Only forwards tempo_ds has read are rebound: the class's ``forward`` must be one
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import inspect
-import types
 from dataclasses import dataclass
 
 import torch
@@ -151,18 +149,30 @@ class LMLossPatch:
     note: str = NOTE
 
     def apply(self, model: nn.Module) -> None:
-        cls_forward = self.spec.forward
-
-        @functools.wraps(cls_forward)
-        def forward(self_, *args, **kwargs):
-            return _forward(self_, *args, **kwargs)
-
         object.__setattr__(model, _STATE, self.spec)
-        object.__setattr__(model, "forward", types.MethodType(forward, model))
+        object.__setattr__(model, "forward", _InstanceForward(model))
 
     def undo(self, model: nn.Module) -> None:
         model.__dict__.pop("forward", None)
         model.__dict__.pop(_STATE, None)
+
+
+class _InstanceForward:
+    """The model's instance-level forward: a plain object rather than a bound closure, so that ``torch.save`` /
+    ``pickle`` and ``copy.deepcopy`` of the injected model keep it (a bound method pickles as a lookup of
+    ``model.forward``, which finds the class's forward on load). Its signature is the class forward's without
+    ``self``, so HF Trainer's unused-column check sees the model's arguments."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return _forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(self.model.__dict__[_STATE].forward)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def _forward(model: nn.Module, *args, **kwargs):

@@ -305,6 +305,27 @@ def test_logits_when_asked_eval_tuple_output_and_revert():
     assert "forward" not in model.__dict__ and type(model.lm_head) is nn.Linear
 
 
+def test_a_saved_or_copied_model_keeps_the_chunked_loss():
+    """torch.save / torch.load and copy.deepcopy keep the instance-level forward (a bound closure was lost on
+    load: the loaded model computed logits again)."""
+    import io
+
+    model = _tiny("llama")
+    tempo_ds.inject(model)
+    batch = _batch("llama")
+    expected = model(**batch).loss
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert other.forward.model is other
+        out = other(**batch)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, expected, rtol=0, atol=0)
+        tempo_ds.revert(other)
+        assert other(**batch).logits is not None
+
+
 def test_unsupported_heads_are_skipped_with_the_reason():
     model = _tiny("llama")
     model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
