@@ -54,21 +54,11 @@ import torch.nn.functional as F
 
 from ._library import LIB, no_autocast
 from ._zero import gathered
+from .gated_mlp import ACTIVATIONS, _act, _act_backward
 
 __all__ = ["moe_experts", "ACTIVATIONS"]
 
-ACTIVATIONS = ("silu", "gelu_tanh")
 _GROUPED = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
-    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
-
-
-def _act_backward(da: torch.Tensor, g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(da, g)
-    return torch.ops.aten.gelu_backward(da, g, approximate="tanh")
 
 
 # -- routing and grouped matmuls ------------------------------------------------------------------------
@@ -141,9 +131,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
          compute_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
     """[dx, dtop_k_weights, dgate_up_proj, ddown_proj] (an empty tensor for one ``needs`` leaves out)."""
     need_x, need_w, need_gu, need_d = needs
-    num_experts, k = gate_up_proj.shape[0], top_k_index.shape[-1]
     cd = compute_dtype
     with no_autocast(dy), gathered(gate_up_proj, down_proj):
+        num_experts, k = gate_up_proj.shape[0], top_k_index.shape[-1]  # gathered: a partitioned shape is [0]
         ids, perm, offs = _route(top_k_index, num_experts)
         grouped = grouped_ok(cd, x.device, x.shape[-1], gate_up_proj.shape[1], down_proj.shape[-1])
         tok = perm // k
@@ -157,7 +147,8 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
         dw = dy.new_empty(0)  # each left-out gradient its own empty tensor: outputs must not alias
         if need_w:
             o = _mm(h, wd.transpose(-2, -1), offs, ids, grouped)
-            dw = torch.zeros_like(w_g).index_put_((perm,), (dy_g * o).sum(-1)).view(top_k_weights.shape)
+            dw = torch.zeros_like(w_g).index_put_((perm,), (dy_g * o).sum(-1).to(w_g.dtype)).view(
+                top_k_weights.shape)  # the product's backward casts to w's dtype (bf16 w, float32 experts)
         dwd = _mm_weight(h, do, offs, ids, num_experts, grouped).transpose(-2, -1).to(down_proj.dtype) \
             if need_d else dy.new_empty(0)
         dh = _mm(do, wd, offs, ids, grouped)
