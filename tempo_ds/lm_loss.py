@@ -33,6 +33,7 @@ Only forwards tempo_ds has read are rebound: the class's ``forward`` must be one
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -150,28 +151,23 @@ class LMLossPatch:
 
     def apply(self, model: nn.Module) -> None:
         object.__setattr__(model, _STATE, self.spec)
-        object.__setattr__(model, "forward", _InstanceForward(model))
+        object.__setattr__(model, "forward", _InstanceForward(_forward, model))
 
     def undo(self, model: nn.Module) -> None:
         model.__dict__.pop("forward", None)
         model.__dict__.pop(_STATE, None)
 
 
-class _InstanceForward:
-    """The model's instance-level forward: a plain object rather than a bound closure, so that ``torch.save`` /
-    ``pickle`` and ``copy.deepcopy`` of the injected model keep it (a bound method pickles as a lookup of
-    ``model.forward``, which finds the class's forward on load). Its signature is the class forward's without
-    ``self``, so HF Trainer's unused-column check sees the model's arguments."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        return _forward(self.model, *args, **kwargs)
+class _InstanceForward(functools.partial):
+    """The model's instance-level forward, ``_forward`` with the model bound: a partial of a module-level function
+    rather than a bound closure, so that ``torch.save`` / ``pickle`` and ``copy.deepcopy`` of the injected model
+    keep it (a bound method pickles as a lookup of ``model.forward``, which finds the class's forward on load), and
+    ``torch.export`` reads its code through ``.func``. Its signature is the class forward's without ``self``, so
+    HF Trainer's unused-column check sees the model's arguments."""
 
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = inspect.signature(self.model.__dict__[_STATE].forward)
+        sig = inspect.signature(self.args[0].__dict__[_STATE].forward)
         return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
