@@ -30,7 +30,7 @@ from tempo_ds.ops.moe_experts import moe_experts
 
 __all__ = ["MoEExperts", "is_moe_experts"]
 
-# The experts implementations whose maths this module reproduces; what they do with autocast
+# The experts implementations whose maths this module reproduces (how each treats autocast: ``MoEExperts.forward``)
 IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 _FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
           "has_post_expert_norm": False, "_is_expert_parallel": False}
