@@ -283,14 +283,9 @@ def _as_4d(mask):
 
 
 def _kernel_seed(seed):
-    """The seed as the Triton launchers take it: the device tensor itself where they load it on the device
-    (``TENSOR_SEED``), else an int (a host read, only for launchers that predate device seeds); 0 without
+    """The seed as the Triton launchers take it: the device tensor itself (they load it on the device); 0 without
     dropout."""
-    from tempo_ds.kernels import attention as kernel
-
-    if seed is None:
-        return 0
-    return seed if getattr(kernel, "TENSOR_SEED", False) else int(seed.reshape(()).item())
+    return 0 if seed is None else seed
 
 
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:

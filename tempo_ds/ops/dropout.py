@@ -68,21 +68,13 @@ def fill_keep_mask(out: torch.Tensor, seed, p: float, start: int) -> torch.Tenso
     return out
 
 
-def kernel_seed(kernel_module, seed):
-    """The seed as a kernel launcher takes it: the device tensor where the launcher accepts one
-    (``TENSOR_SEED``), else an int, which reads the device on the host (only until kernels/ take tensors)."""
-    if not isinstance(seed, torch.Tensor) or getattr(kernel_module, "TENSOR_SEED", False):
-        return seed
-    return int(seed.reshape(()).item())
-
-
 def apply_seed_mask(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """``x * keep / (1 - p)`` with ``keep`` regenerated from ``seed`` (int or 1-element int64 tensor): a new
     contiguous tensor of x's shape."""
     if _kernel_path(x):
         from tempo_ds.kernels import dropout as kernel
 
-        return kernel.apply_seed_mask(x, p, kernel_seed(kernel, seed))
+        return kernel.apply_seed_mask(x, p, seed)  # the launcher loads a tensor seed on the device
     flat = x.reshape(-1)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_flat = out.view(-1)
