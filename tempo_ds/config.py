@@ -58,6 +58,10 @@ class TempoConfig(_Strict):
                those activations as left alone with that reason; few-bit still applies to activations
                outside recognised gated MLPs. Set ``mlp="off"`` to put few-bit SiLU inside gated MLPs.
     norm       inplace | off  LayerNorm/RMSNorm that save their output and row statistics, not the input
+    qk_norm    rope      with norm="inplace": q/k RMSNorms that feed RoPE (Qwen3, Gemma 3, OLMo 2 attention)
+                         run fused with the rotation and keep only the rotated q/k, which attention keeps
+                         anyway, plus row statistics (exact; ``tempo_ds.nn.qk_norm_rope``)
+               separate  those norms become plain in-place norms, keeping outputs nobody else holds
     attention  lean      save q, k, v, output and log-sum-exp; recompute probabilities in blocks
                tempo     Tempo's dropout recomputation: save the softmax output and a 1-bit mask
                off       the model's own attention
@@ -85,6 +89,7 @@ class TempoConfig(_Strict):
     silu: Literal["fewbit", "off"] = "off"
     mlp: Literal["recompute", "off"] = "recompute"
     norm: Literal["inplace", "off"] = "inplace"
+    qk_norm: Literal["rope", "separate"] = "rope"
     attention: Literal["lean", "tempo", "off"] = "lean"
     dropout: Literal["seed", "off"] = "seed"
     lm_loss: Literal["chunked", "off"] = "chunked"

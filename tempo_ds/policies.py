@@ -106,6 +106,8 @@ class Policy:
             return False  # already one of ours
         if cfg.mlp == "recompute" and _is_gated_candidate(module):
             return self._plan_gated_mlp(name, module, cfg, plan)
+        if cfg.norm == "inplace" and cfg.qk_norm == "rope" and _is_qk_norm_attention(module):
+            return self._swap(plan, name, module, "qk_norm=rope", _qk_norm_rope_attention)
         if cfg.norm == "inplace" and _is_norm(module):
             return self._swap(plan, name, module, "norm=inplace", _inplace_norm)
         if cfg.norm == "inplace" and _norms_not_worth_replacing(module):
@@ -332,6 +334,19 @@ def _is_norm(module):
     from .nn.norm_families import is_norm
 
     return is_norm(module)
+
+
+def _is_qk_norm_attention(module):
+    from .nn.qk_norm_rope import is_qk_norm_attention_candidate
+
+    return is_qk_norm_attention_candidate(module)
+
+
+def _qk_norm_rope_attention(module):
+    """The attention with its q/k norms and RoPE fused (``tempo_ds.nn.qk_norm_rope``); TypeError with the reason."""
+    from .nn.qk_norm_rope import QKNormRopeAttention
+
+    return QKNormRopeAttention.from_module(module)
 
 
 def _norms_not_worth_replacing(module):

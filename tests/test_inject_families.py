@@ -108,7 +108,9 @@ def test_per_layer_bytes_match_the_design(family):
 # -- norm families: Qwen3, Gemma 1/2/3, Phi-3, Mixtral, OLMo 2, Granite, Cohere, StableLM ----------------------
 # Each family's own model class from a tiny config; only norm=inplace on (every other technique off), so the
 # forward is HF's bit for bit and the bytes that change are the norms'.
-NORM_ONLY = {**{k: "off" for k in tempo_ds.TempoConfig().techniques()}, "norm": "inplace"}
+# qk_norm="separate": the q/k norms are replaced one by one here (their fusion with RoPE, qk_norm="rope", is
+# tests/test_qk_norm_rope.py's)
+NORM_ONLY = {**{k: "off" for k in tempo_ds.TempoConfig().techniques()}, "norm": "inplace", "qk_norm": "separate"}
 HD, V = H // A, 128
 
 

@@ -10,10 +10,11 @@ from .gelu_linear import GeluLinear
 from .layer_norm import InplaceCohereLayerNorm, InplaceLayerNorm
 from .moe_experts import MoEExperts
 from .norm_families import inplace_norm
+from .qk_norm_rope import QKNormRopeAttention
 from .rms_norm import InplaceGemmaRMSNorm, InplaceRMSNorm
 
 __all__ = ["LeanAttention", "SeedDropout", "GatedMLP", "GatedDownProjection", "MoEExperts", "InplaceGELU", "GeluLinear",
            "InplaceLayerNorm", "InplaceRMSNorm", "InplaceGemmaRMSNorm", "InplaceCohereLayerNorm", "inplace_norm",
-           "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
+           "QKNormRopeAttention", "FewBitActivation", "FewBitGELU", "FewBitSiLU", "FewBitTanh", "FewBitSigmoid", "FewBitSoftplus",
            "FewBitELU", "FewBitCELU", "FewBitSELU", "FewBitMish", "FewBitLogSigmoid", "FewBitSoftsign",
            "FewBitTanhshrink", "FewBitHardswish", "FewBitReLU", "FewBitLeakyReLU", "FewBitReLU6", "FewBitHardtanh"]

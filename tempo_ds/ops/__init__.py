@@ -11,7 +11,8 @@ from .gelu_linear import gelu_linear
 from .layer_norm import inplace_layer_norm
 from .linear_cross_entropy import linear_cross_entropy
 from .moe_experts import moe_experts
+from .qk_norm_rope import qk_norm_rope
 from .rms_norm import inplace_rms_norm
 
 __all__ = ["attention", "fewbit", "gated_mlp", "gelu_linear", "inplace_gelu", "inplace_layer_norm",
-           "inplace_rms_norm", "linear_cross_entropy", "moe_experts", "seed_dropout"]
+           "inplace_rms_norm", "linear_cross_entropy", "moe_experts", "qk_norm_rope", "seed_dropout"]
