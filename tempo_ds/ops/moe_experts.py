@@ -39,12 +39,16 @@ Exact against HF's default ``grouped_mm`` implementation: the same sort, the sam
 and casts, and the slot sum in the same order, so the output and every gradient are equal bit for bit in
 float32 and bfloat16. Against HF's ``eager`` per-expert loop the results differ by reduction order only
 (F.linear on each expert's rows vs one grouped matmul; ``index_add_`` in x's dtype in expert order vs a
-sum over the K slots in the promoted dtype). Where ``grouped_mm`` cannot run (float64, or a shape whose
-strides are not multiples of 16 bytes) each expert's matmul runs over all S rows and ``torch.where`` keeps
-its own rows: E times the FLOPs, still exact per row, with no host sync.
+sum over the K slots in the promoted dtype). Where ``grouped_mm`` is not used (:func:`grouped_ok`: float64,
+a shape whose strides are not multiples of 16 bytes, and on CUDA every dtype but bfloat16, since torch's CUDA
+``grouped_mm`` for other dtypes is a per-group loop that copies the offsets to the host) each expert's matmul
+runs over all S rows and ``torch.where`` keeps its own rows: E times the FLOPs, exact per row (on CUDA not
+necessarily bit-equal to HF, whose float32 experts do take torch's per-group loop), with no host sync.
 
 No host syncs: routing counts are never read on the host (offsets come from ``searchsorted`` on the device);
-what is saved depends only on the flags the wrapper passes. The ops: ``tempo_ds::moe_experts_fwd`` and
+what is saved depends only on the flags the wrapper passes. One exception outside this code: torch's bfloat16
+CUDA ``grouped_mm`` is a sync-free kernel only on sm_90 / sm_100; on other GPUs (sm_80, sm_89, ...) torch
+itself falls back to the per-group loop, which reads the offsets on the host (as HF's experts do there). The ops: ``tempo_ds::moe_experts_fwd`` and
 ``_bwd``, ``torch.library`` custom ops with fake implementations joined by ``register_autograd``.
 """
 from __future__ import annotations
