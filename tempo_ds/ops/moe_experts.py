@@ -47,8 +47,9 @@ necessarily bit-equal to HF, whose float32 experts do take torch's per-group loo
 
 No host syncs: routing counts are never read on the host (offsets come from ``searchsorted`` on the device);
 what is saved depends only on the flags the wrapper passes. One exception outside this code: torch's bfloat16
-CUDA ``grouped_mm`` is a sync-free kernel only on sm_90 / sm_100; on other GPUs (sm_80, sm_89, ...) torch
-itself falls back to the per-group loop, which reads the offsets on the host (as HF's experts do there).
+CUDA ``grouped_mm`` is a sync-free kernel only on sm_90 / sm_100 (torch 2.10's GroupedBlas.cpp); on other
+GPUs (sm_80, sm_89, ...) torch itself falls back to the per-group loop, which reads the offsets on the host (as
+HF's experts do there).
 
 The ops: ``tempo_ds::moe_experts_fwd`` and ``_bwd``, ``torch.library`` custom ops with fake implementations
 joined by ``register_autograd``.
