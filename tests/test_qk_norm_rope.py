@@ -75,7 +75,7 @@ def test_forward_is_hf_bit_for_bit_and_gradients_hf_to_rounding(kind):
         assert torch.equal(grads["ours"][0], grads["hf"][0]), dtype
         assert grads["ours"][0].stride() == grads["hf"][0].stride()
         for ours, hf in zip(errs["ours"], errs["hf"]):   # dx, dw: error against float64 within HF's own, rounded
-            assert ours <= 1.5 * hf + (2e-7 if dtype == torch.float32 else 2e-3), (kind, dtype, errs)
+            assert ours <= 1.6 * hf, (kind, dtype, errs)  # measured: up to 1.36x in float32, 1.46x in bf16
 
 
 def test_gradcheck_float64_per_head_over_projection_and_scaled_tables():
@@ -165,6 +165,11 @@ def test_attention_swap_is_exact_and_keeps_no_norm_output(family):
     assert torch.equal(loss1, loss0)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+    if family == "gemma3":  # non-reentrant checkpointing recomputes the op (and Gemma's 1 + w): same gradients
+        fused.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        loss2, grads2 = _loss_and_grads(fused, ids)
+        fused.activation_checkpointing_disable()
+        assert torch.equal(loss2, loss1) and all(torch.equal(grads2[n], grads1[n]) for n in grads1)
     with torch.no_grad():  # evaluation runs HF's own forward, a KV cache included
         fused.eval(), separate.eval()
         out0, out1 = (m(input_ids=ids, use_cache=True) for m in (separate, fused))

@@ -163,10 +163,14 @@ def _setup_context(ctx, inputs, output):
     # the rotated output (attention keeps the same tensor), rstd, the side buffer, the Parameter itself and the
     # model's shared RoPE tables
     ctx.save_for_backward(out, rstd, side, idx, weight, cos, sin)
+    # a ZeRO-3 Parameter also held as the object: under saved-tensor hooks (the meter, non-reentrant
+    # checkpointing, offloading) the saved one unpacks as a plain alias without ds_status, which gathered() reads
+    ctx.zero3 = weight if hasattr(weight, "ds_id") else None
 
 
 def _backward(ctx, grad, *_):
     out, rstd, side, idx, weight, cos, sin = ctx.saved_tensors
+    weight = ctx.zero3 if ctx.zero3 is not None else weight
     need_x, need_w = ctx.needs_input_grad[:2]
     need_w = need_w and weight is not None
     dx, dw = _bwd(grad, out, rstd, side, idx, weight, cos, sin, ctx.whole, ctx.x_dtype, ctx.norm_dtype,
