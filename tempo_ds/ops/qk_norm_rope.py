@@ -8,7 +8,8 @@ HuggingFace's order::
     out = q * cos + rotate_half(q) * sin   cos, sin [B, S, D] broadcast over heads (``apply_rotary_pos_emb``)
 
 The norm is ``tempo_ds::inplace_rms_norm_fwd`` (Llama's rounding, or OLMo 2's / Gemma's float32 scale), so the
-forward equals HF's bit for bit. With ``h = D/2`` and halves ``1, 2`` of the last dimension RoPE is
+forward equals HF's bit for bit on the PyTorch path (on CUDA the RMSNorm kernel sums in another order: one ulp,
+as for ``tempo_ds.ops.inplace_rms_norm``). With ``h = D/2`` and halves ``1, 2`` of the last dimension RoPE is
 ``o1 = c1*y1 - s1*y2``, ``o2 = c2*y2 + s2*y1``. Backward::
 
     dy1 = c1*g1 + s2*g2        dy2 = c2*g2 - s1*g1                       (the transpose, in float32)
