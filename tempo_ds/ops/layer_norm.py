@@ -370,10 +370,13 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(y, None, rstd, side, idx, weight, bias)
     elif save == "input":
         ctx.save_for_backward(x, mean, rstd, None, None, weight, bias)
+    # ZeRO-3 Parameters also as objects: saved-tensor hooks unpack saved ones as aliases without ds_status
+    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in (weight, bias))
 
 
 def _backward(ctx, grad, *_):
     src, mean, rstd, side, idx, weight, bias = ctx.saved_tensors
+    weight, bias = (z if z is not None else t for z, t in zip(ctx.zero3, (weight, bias)))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
     if side is None:

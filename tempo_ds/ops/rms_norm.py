@@ -204,10 +204,13 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(y, rstd, side, idx, weight)
     elif save == "input":
         ctx.save_for_backward(x, rstd, None, None, weight)
+    # ZeRO-3 Parameters also as objects: saved-tensor hooks unpack saved ones as aliases without ds_status
+    ctx.zero3 = weight if hasattr(weight, "ds_id") else None
 
 
 def _backward(ctx, grad, *_):
     src, rstd, side, idx, weight = ctx.saved_tensors
+    weight = weight if ctx.zero3 is None else ctx.zero3
     need_x, need_w = ctx.needs_input_grad[:2]
     need_w = need_w and weight is not None
     if side is None:
