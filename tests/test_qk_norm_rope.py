@@ -214,3 +214,42 @@ def test_other_qk_norm_attentions_are_skipped_with_the_reason():
     assert reasons.keys() == {"model.layers.0.self_attn", "model.layers.1.self_attn"}, str(report)
     assert "is not one of the q/k-norm attention forms" in reasons["model.layers.0.self_attn"]
     assert report.counts()["norm=inplace"] == 2 * 3 + 1   # its q/k norms are still replaced one by one
+
+
+def test_no_host_reads_compile_export_and_opcheck():
+    """DESIGN rules 10-11 as tests/test_ops_syncfree.py checks them, with a zero, a subnormal and a small weight
+    (the side buffer): no host read eagerly, forward and backward; torch.compile(fullgraph) and torch.export equal
+    to eager; opcheck of the fake implementation and the autograd registration."""
+    from test_ops_syncfree import NoHostReads
+    gen = torch.Generator().manual_seed(4)
+    cos, sin = _tables(torch.float32, b=1, s=5)
+    w = torch.nn.Parameter(torch.rand(HD, generator=gen) + 0.5)
+    with torch.no_grad():
+        w[1], w[4], w[9] = 0.0, 1e-39, 1e-3
+    x = torch.randn(3, 5, 2, HD, generator=gen)
+    g = torch.randn(3, 2, 5, HD, generator=gen)
+
+    def fn(x):
+        return qk_norm_rope(x, w, cos, sin, 1e-6)
+
+    def run(f):
+        w.grad = None
+        xx = x.clone().requires_grad_()
+        y = f(xx)
+        y.backward(g)
+        return [y.detach(), xx.grad, w.grad.clone()]
+
+    eager = run(fn)
+    with NoHostReads():
+        again = run(fn)
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for a, b, c in zip(eager, again, compiled):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.isfinite(a).all()
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    assert torch.equal(torch.export.export(Wrapped(), (x,)).module()(x), fn(x))
+    torch.library.opcheck(torch.ops.tempo_ds.qk_norm_rope_fwd.default,
+                          (x.requires_grad_(), w, cos, sin, 1e-6, "llama", torch.float32, torch.float32, False, True))
