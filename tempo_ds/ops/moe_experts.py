@@ -40,16 +40,16 @@ and casts, and the slot sum in the same order, so the output and every gradient 
 float32 and bfloat16. Against HF's ``eager`` per-expert loop the results differ by reduction order only
 (F.linear on each expert's rows vs one grouped matmul; ``index_add_`` in x's dtype in expert order vs a
 sum over the K slots in the promoted dtype). Where ``grouped_mm`` is not used (:func:`grouped_ok`: float64,
-a shape whose strides are not multiples of 16 bytes, and on CUDA every dtype but bfloat16, since torch's CUDA
-``grouped_mm`` for other dtypes is a per-group loop that copies the offsets to the host) each expert's matmul
-runs over all S rows and ``torch.where`` keeps its own rows: E times the FLOPs, exact per row (on CUDA not
-necessarily bit-equal to HF, whose float32 experts do take torch's per-group loop), with no host sync.
+a shape whose strides are not multiples of 16 bytes, or a dtype this torch's ``grouped_mm`` refuses on the device)
+each expert's matmul runs over all S rows and ``torch.where`` keeps its own rows: E times the FLOPs, exact per
+row, with no host sync.
 
-No host syncs: routing counts are never read on the host (offsets come from ``searchsorted`` on the device);
-what is saved depends only on the flags the wrapper passes. One exception outside this code: torch's bfloat16
-CUDA ``grouped_mm`` is a sync-free kernel only on sm_90 / sm_100 (torch 2.10's GroupedBlas.cpp); on other
-GPUs (sm_80, sm_89, ...) torch itself falls back to the per-group loop, which reads the offsets on the host (as
-HF's experts do there).
+No host syncs in this code: routing counts are never read on the host (offsets come from ``searchsorted`` on the
+device); what is saved depends only on the flags the wrapper passes. Inside torch: its CUDA ``grouped_mm`` is a
+sync-free kernel for bfloat16 on sm_90 / sm_100 only (torch 2.10's GroupedBlas.cpp); for float32 / float16, and
+for bfloat16 on other GPUs (sm_80, sm_89, ...), torch runs a per-group loop that reads the offsets on the host,
+as HF's experts do there. Decision: that loop (one offsets read per call) is taken over the sync-free masked path,
+whose E times the FLOPs (8x for Mixtral, 128x for Qwen3-MoE) would cost far more than the sync.
 
 The ops: ``tempo_ds::moe_experts_fwd`` and ``_bwd``, ``torch.library`` custom ops with fake implementations
 joined by ``register_autograd``.
@@ -77,19 +77,35 @@ def _route(top_k_index: torch.Tensor, num_experts: int):
     return ids, perm, offs
 
 
+_REFUSED: set = set()  # (device type, dtype) pairs this torch's grouped_mm refused
+
+
 def grouped_ok(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
-    """Whether ``grouped_mm`` runs these operands: a kernel for the dtype on the device, rows of 16-byte multiples."""
-    if _GROUPED is None:
+    """Whether ``grouped_mm`` runs these operands: a float dtype it has not refused on this device type, rows of
+    16-byte multiples."""
+    if _GROUPED is None or (device.type, dtype) in _REFUSED:
         return False
-    allowed = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
     size = torch.empty((), dtype=dtype).element_size()
-    return dtype in allowed and all(w * size % 16 == 0 for w in widths)
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * size % 16 == 0 for w in widths)
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """``grouped_mm(a, b, offs)``, or None (remembered) when this torch refuses the dtype on the device: its docs
+    promise bfloat16 on CUDA only, while its CUDA fallback loop takes the other dtypes."""
+    try:
+        return _GROUPED(a, b, offs=offs)
+    except RuntimeError:
+        if a.dtype == torch.bfloat16 or a.device.type != "cuda":
+            raise
+        _REFUSED.add((a.device.type, a.dtype))
+        return None
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor, grouped: bool) -> torch.Tensor:
     """Row s of ``a`` [S, k] times ``w[e(s)]`` ([E, k, n]): [S, n]."""
-    if grouped:
-        return _GROUPED(a, w, offs=offs)
+    out = _grouped(a, w, offs) if grouped else None
+    if out is not None:
+        return out
     out = a.new_zeros((a.shape[0], w.shape[-1]))
     for e in range(w.shape[0]):
         out = torch.where((ids == e)[:, None], a @ w[e], out)
@@ -99,8 +115,9 @@ def _mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor,
 def _mm_weight(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, ids: torch.Tensor, num_experts: int,
                grouped: bool) -> torch.Tensor:
     """Per expert, ``a[rows of e]^T b[rows of e]`` for a [S, m], b [S, n]: [E, m, n]."""
-    if grouped:
-        return _GROUPED(a.t(), b, offs=offs)
+    out = _grouped(a.t(), b, offs) if grouped else None
+    if out is not None:
+        return out
     return torch.stack([torch.where((ids == e)[:, None], a, 0).t() @ b for e in range(num_experts)])
 
 
