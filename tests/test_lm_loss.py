@@ -146,6 +146,15 @@ def test_zero3_gather_also_under_saved_tensor_hooks(zero3_gather):
     assert len(zero3_gather.gathered) == 1 and [p is q for p, q in zip(zero3_gather.gathered[0], (w, b))] == [True] * 2
 
 
+def test_an_empty_batch_gives_pytorchs_nan_loss_and_zero_gradients():
+    h = torch.randn(0, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(h @ w.t(), torch.zeros(0, dtype=torch.long)))
+    loss.backward()
+    assert h.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_bad_inputs_name_the_problem():
     h, w, b, y = _op_inputs(torch.float32)
     with pytest.raises(ValueError, match="reduction='avg': allowed values: 'mean', 'sum', 'none'"):

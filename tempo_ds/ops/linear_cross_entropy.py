@@ -113,7 +113,7 @@ class _Tiles:
 
     def __init__(self, hidden, weight, bias, compute, rows, cols):
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
-        self.rows, self.cols = min(rows, self.n), min(cols, self.vocab)
+        self.rows, self.cols = max(1, min(rows, self.n)), max(1, min(cols, self.vocab))  # an empty batch: no tile
         self.h = hidden.to(compute)
         self.weight, self.bias, self.compute = weight, bias, compute
         self.tile = hidden.new_empty(self.rows * self.cols, dtype=compute)
@@ -216,8 +216,9 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
         elif need_h:  # summed over vocabulary blocks in float32, rounded once
             dh = hidden.new_zeros(hidden.shape, dtype=acc)
             hbuf = None if compute == acc else hidden.new_empty((tiles.rows, hidden.shape[1]), dtype=compute)
-        dw = torch.empty_like(weight) if need_w else None
-        db = torch.empty_like(bias) if need_b else None
+        fresh = torch.zeros_like if n == 0 else torch.empty_like  # no token: no tile writes the gradients
+        dw = fresh(weight) if need_w else None
+        db = fresh(bias) if need_b else None
         for c0, c1, w, b in tiles.blocks():
             inside, col = _label_column(labels, c0, c1)
             minus_one = inside.to(acc).neg_().unsqueeze(1)
@@ -273,7 +274,7 @@ def _backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
 
 @_backward.register_fake
 def _(grad, hidden, weight, bias, labels, lse, ignore_index, softcap, scale, compute_dtype, rows, cols, mask):
-    return (torch.empty_like(hidden) if mask[0] else hidden.new_empty(0),
+    return (hidden.new_empty(hidden.shape) if mask[0] else hidden.new_empty(0),  # dh is row-major, as the op's
             torch.empty_like(weight) if mask[1] else hidden.new_empty(0),
             torch.empty_like(bias) if mask[2] else hidden.new_empty(0))
 
