@@ -53,8 +53,8 @@ def _flat(grads):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_swap_equals_hf_grouped_mm_bit_for_bit(family):
-    """HF's default experts implementation (grouped_mm): loss and every gradient equal bit for bit in float32 and
-    bfloat16 (the same sort, grouped matmuls, elementwise ops and slot sum); Parameters and state_dict kept."""
+    """HF's default experts implementation (grouped_mm): loss and every gradient equal bit for bit in float32,
+    bfloat16 and float32 under bf16 autocast (the same sort, grouped matmuls, elementwise ops and slot sum); Parameters and state_dict kept."""
     plain = _model(family)
     lean = copy.deepcopy(plain)
     hf_experts = lean.model.layers[0].mlp.experts
@@ -65,10 +65,11 @@ def test_swap_equals_hf_grouped_mm_bit_for_bit(family):
     assert list(lean.state_dict()) == list(plain.state_dict())
     before = {id(p) for p in lean.parameters()}
     batch = _batch()
-    for dtype in (torch.float32, torch.bfloat16):
-        plain, lean = plain.to(dtype), lean.to(dtype)
-        loss0, grads0 = _loss_and_grads(plain, batch)
-        loss1, grads1 = _loss_and_grads(lean, batch)
+    for dtype in (torch.float32, "autocast", torch.bfloat16):  # autocast: float32 weights, bf16 router output
+        plain, lean = plain.to(dtype if dtype != "autocast" else torch.float32), lean.to(plain.dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
+            loss0, grads0 = _loss_and_grads(plain, batch)
+            loss1, grads1 = _loss_and_grads(lean, batch)
         assert torch.equal(loss1, loss0), dtype
         assert grads0.keys() == grads1.keys()
         for name, g in grads0.items():
