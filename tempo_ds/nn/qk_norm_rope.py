@@ -31,6 +31,7 @@ import textwrap
 import torch
 from torch import nn
 
+from tempo_ds.ops._zero import gathered
 from tempo_ds.ops.qk_norm_rope import qk_norm_rope
 
 from .rms_norm import _computes_like_gemma, _computes_like_llama, _computes_like_olmo2
@@ -249,6 +250,12 @@ class QKNormRopeAttention(nn.Module):
         return new.train(attention.training)
 
     def _rotated(self, projection: torch.Tensor, norm: nn.Module, cos, sin) -> torch.Tensor:
+        # the norm module is not called, so ZeRO-3's hooks do not gather its weight: gathered() does (the op keeps
+        # the Parameter itself and gathers it again in backward)
+        with gathered(norm.weight):
+            return self._rotated_gathered(projection, norm, cos, sin)
+
+    def _rotated_gathered(self, projection: torch.Tensor, norm: nn.Module, cos, sin) -> torch.Tensor:
         if self._norm == "gemma":  # HF's float32 scale 1 + w (float64 stays float64), as InplaceGemmaRMSNorm
             w = norm.weight
             return qk_norm_rope(projection, 1.0 + (w if w.dtype == torch.float64 else w.float()), cos, sin, norm.eps,
