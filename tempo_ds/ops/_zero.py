@@ -16,3 +16,16 @@ def gathered(*params: torch.Tensor | None):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def hold_parameters(ctx, *params: torch.Tensor | None) -> None:
+    """Keep ZeRO-3 Parameters on ``ctx`` as objects, besides ``save_for_backward``: saved-tensor hooks (the meter,
+    non-reentrant checkpointing, offloading) unpack a saved Parameter as a plain alias without ``ds_status``, so
+    :func:`gathered` could not see that it is partitioned. Parameters are not activations: holding them costs
+    nothing. Ordinary (and fake) tensors have no ``ds_id`` and are not held."""
+    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in params)
+
+
+def held_parameters(ctx, *saved: torch.Tensor | None) -> tuple:
+    """``saved`` (from ``ctx.saved_tensors``) with the Parameters :func:`hold_parameters` held put back."""
+    return tuple(z if z is not None else t for z, t in zip(ctx.zero3, saved))

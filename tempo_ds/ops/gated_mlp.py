@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._dispatch import use_triton
 from ._library import LIB, autocast_dtype, kernels_visible, no_autocast, triton_op
-from ._zero import gathered
+from ._zero import gathered, held_parameters, hold_parameters
 
 __all__ = ["gated_mlp", "ACTIVATIONS", "check_activation"]
 
@@ -237,13 +237,12 @@ def _setup_context(ctx, inputs, output):
     g, u, weight, bias, activation, compute_dtype = inputs
     ctx.activation, ctx.compute_dtype = activation, compute_dtype
     ctx.save_for_backward(g, u, weight, bias)
-    # ZeRO-3 Parameters also as objects: saved-tensor hooks unpack saved ones as aliases without ds_status
-    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in (weight, bias))
+    hold_parameters(ctx, weight, bias)
 
 
 def _backward(ctx, dout):
     g, u, weight, bias = ctx.saved_tensors
-    weight, bias = (z if z is not None else t for z, t in zip(ctx.zero3, (weight, bias)))
+    weight, bias = held_parameters(ctx, weight, bias)
     need_g, need_u, need_w, need_b = ctx.needs_input_grad[:4]
     need_in = need_g or (u is not None and need_u)
     dg, du, dw, db = _bwd(dout, g, u, weight, bias, ctx.activation, ctx.compute_dtype,

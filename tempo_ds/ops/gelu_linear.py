@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._library import LIB, autocast_dtype, no_autocast
-from ._zero import gathered
+from ._zero import gathered, held_parameters, hold_parameters
 from .gelu import check_approximate
 
 __all__ = ["gelu_linear"]
@@ -108,10 +108,12 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, approximate, transposed, compute_dtype = inputs
     ctx.approximate, ctx.transposed, ctx.compute_dtype = approximate, transposed, compute_dtype
     ctx.save_for_backward(x, weight, bias)  # x only: weight and bias are the Parameter objects
+    hold_parameters(ctx, weight, bias)
 
 
 def _backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
+    weight, bias = held_parameters(ctx, weight, bias)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
     dx, dweight, dbias = _bwd(dout, x, weight, bias, ctx.approximate, ctx.transposed, ctx.compute_dtype,

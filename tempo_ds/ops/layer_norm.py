@@ -104,7 +104,7 @@ import torch
 
 from tempo_ds.ops._dispatch import use_triton
 from tempo_ds.ops._library import LIB, kernels_visible, no_autocast, triton_op
-from tempo_ds.ops._zero import gathered
+from tempo_ds.ops._zero import gathered, held_parameters, hold_parameters
 
 __all__ = ["inplace_layer_norm", "output_is_invertible", "column_scores", "side_columns", "BIAS_RATIO_LIMIT",
            "SIDE_MIN", "SIDE_FRACTION"]
@@ -370,13 +370,12 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(y, None, rstd, side, idx, weight, bias)
     elif save == "input":
         ctx.save_for_backward(x, mean, rstd, None, None, weight, bias)
-    # ZeRO-3 Parameters also as objects: saved-tensor hooks unpack saved ones as aliases without ds_status
-    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in (weight, bias))
+    hold_parameters(ctx, weight, bias)
 
 
 def _backward(ctx, grad, *_):
     src, mean, rstd, side, idx, weight, bias = ctx.saved_tensors
-    weight, bias = (z if z is not None else t for z, t in zip(ctx.zero3, (weight, bias)))
+    weight, bias = held_parameters(ctx, weight, bias)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
     if side is None:

@@ -62,7 +62,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._library import autocast_dtype, no_autocast
-from ._zero import gathered
+from ._zero import gathered, held_parameters, hold_parameters
 
 __all__ = ["linear_cross_entropy", "tile_shape", "sub_rows", "TILE_BYTES", "MIN_COLS", "SUB_ELEMENTS", "REDUCTIONS"]
 
@@ -284,16 +284,12 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, softcap, scale, compute_dtype, rows, cols)
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.mark_non_differentiable(output[1])
-    # ZeRO-3 Parameters themselves, to gather and read them in backward: under any saved-tensor hooks (the meter,
-    # non-reentrant checkpointing, offloading) autograd unpacks a saved Parameter as a plain tensor aliasing the
-    # forward's data, without the ds_status gathered() reads, and a gather does not reach that alias. Parameters
-    # are not activations: holding them costs nothing; ordinary (and fake) tensors have no ds_id.
-    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in (weight, bias))
+    hold_parameters(ctx, weight, bias)
 
 
 def _autograd_backward(ctx, grad, _dlse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
-    weight, bias = (z if z is not None else t for z, t in zip(ctx.zero3, (weight, bias)))
+    weight, bias = held_parameters(ctx, weight, bias)
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     mask = [need_h, need_w, need_b and bias is not None]
     with gathered(weight, bias):

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ._library import LIB, no_autocast
-from ._zero import gathered
+from ._zero import gathered, held_parameters, hold_parameters
 from .gated_mlp import ACTIVATIONS, _act, _act_backward
 
 __all__ = ["moe_experts", "ACTIVATIONS"]
@@ -203,15 +203,12 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.compute_dtype = activation, compute_dtype
     # gu, and what the router keeps anyway (x, the routing); the Parameter objects themselves
     ctx.save_for_backward(x, top_k_index, top_k_weights, output[1], gate_up_proj, down_proj)
-    # ZeRO-3 Parameters also held as objects: under saved-tensor hooks (the meter, non-reentrant checkpointing,
-    # offloading) the saved ones unpack as plain aliases without ds_status, which gathered() reads (as in
-    # linear_cross_entropy); ordinary (and fake) tensors have no ds_id
-    ctx.zero3 = tuple(p if hasattr(p, "ds_id") else None for p in (gate_up_proj, down_proj))
+    hold_parameters(ctx, gate_up_proj, down_proj)
 
 
 def _backward(ctx, dy, _):
     x, top_k_index, top_k_weights, gu, gate_up_proj, down_proj = ctx.saved_tensors
-    gate_up_proj, down_proj = (z if z is not None else t for z, t in zip(ctx.zero3, (gate_up_proj, down_proj)))
+    gate_up_proj, down_proj = held_parameters(ctx, gate_up_proj, down_proj)
     n = ctx.needs_input_grad
     needs = [n[0], n[2], n[3], n[4]]
     dx, dw, dgu, dd = _bwd(dy.contiguous(), x, top_k_index, top_k_weights, gu, gate_up_proj, down_proj,

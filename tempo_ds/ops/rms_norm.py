@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from tempo_ds.ops._library import LIB, kernels_visible, no_autocast, triton_op
-from tempo_ds.ops._zero import gathered
+from tempo_ds.ops._zero import gathered, held_parameters, hold_parameters
 from tempo_ds.ops.layer_norm import (acc_dtype, column_scores, fits_kernel, patch_xhat, rebuild_xhat, side_buffer,
                                      side_columns, side_columns_of)
 
@@ -204,13 +204,12 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(y, rstd, side, idx, weight)
     elif save == "input":
         ctx.save_for_backward(x, rstd, None, None, weight)
-    # ZeRO-3 Parameters also as objects: saved-tensor hooks unpack saved ones as aliases without ds_status
-    ctx.zero3 = weight if hasattr(weight, "ds_id") else None
+    hold_parameters(ctx, weight)
 
 
 def _backward(ctx, grad, *_):
     src, rstd, side, idx, weight = ctx.saved_tensors
-    weight = weight if ctx.zero3 is None else ctx.zero3
+    weight, = held_parameters(ctx, weight)
     need_x, need_w = ctx.needs_input_grad[:2]
     need_w = need_w and weight is not None
     if side is None:
