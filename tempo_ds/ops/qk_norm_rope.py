@@ -48,7 +48,7 @@ import torch
 
 import tempo_ds.ops.rms_norm  # noqa: F401  (registers tempo_ds::inplace_rms_norm_fwd/_bwd)
 from tempo_ds.ops._library import LIB, no_autocast
-from tempo_ds.ops._zero import gathered
+from tempo_ds.ops._zero import gathered, held_parameters, hold_parameters
 from tempo_ds.ops.layer_norm import acc_dtype, column_scores, side_columns
 
 __all__ = ["qk_norm_rope", "side_columns_of_pairs"]
@@ -164,14 +164,12 @@ def _setup_context(ctx, inputs, output):
     # the rotated output (attention keeps the same tensor), rstd, the side buffer, the Parameter itself and the
     # model's shared RoPE tables
     ctx.save_for_backward(out, rstd, side, idx, weight, cos, sin)
-    # a ZeRO-3 Parameter also held as the object: under saved-tensor hooks (the meter, non-reentrant
-    # checkpointing, offloading) the saved one unpacks as a plain alias without ds_status, which gathered() reads
-    ctx.zero3 = weight if hasattr(weight, "ds_id") else None
+    hold_parameters(ctx, weight)
 
 
 def _backward(ctx, grad, *_):
     out, rstd, side, idx, weight, cos, sin = ctx.saved_tensors
-    weight = ctx.zero3 if ctx.zero3 is not None else weight
+    (weight,) = held_parameters(ctx, weight)
     need_x, need_w = ctx.needs_input_grad[:2]
     need_w = need_w and weight is not None
     dx, dw = _bwd(grad, out, rstd, side, idx, weight, cos, sin, ctx.whole, ctx.x_dtype, ctx.norm_dtype,
