@@ -123,31 +123,25 @@ class Policy:
         return False
 
     def _plan_gated_mlp(self, name, module, cfg, plan) -> bool:
-        """A whole gated MLP (any family: recognised by structure) fused into its down projection."""
+        """A whole gated MLP (any family: recognised by structure) fused into its down projection; transformers 5's
+        3-D MoE experts keep only the routed gate_up outputs."""
         from .nn.gated_mlp import GatedMLP
         from .nn.moe_experts import MoEExperts, is_moe_experts
 
-        if is_moe_experts(module):  # transformers 5's 3-D experts: keep only the routed gate_up outputs
-            try:
-                lean = MoEExperts.from_module(module)
-            except TypeError as exc:
-                plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: MoE experts: {exc}"))
-                return False
-            plan.swaps.append(Swap(name, module, lean, "mlp=recompute"))
-            return True
+        moe = is_moe_experts(module)
         try:
-            fused = GatedMLP.from_module(module)
+            fused = MoEExperts.from_module(module) if moe else GatedMLP.from_module(module)
         except TypeError as exc:
-            plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: {exc}"))
+            plan.skips.append(Skip(name, type(module).__name__, f"mlp=recompute: {'MoE experts: ' if moe else ''}{exc}"))
             return False
         plan.swaps.append(Swap(name, module, fused, "mlp=recompute"))
-        fewbit = cfg.silu if fused.activation == "silu" else cfg.gelu
-        if fewbit == "fewbit" and hasattr(module, fused.act_name):  # (Liger's MLPs have no activation module)
-            key = "silu" if fused.activation == "silu" else "gelu"
-            plan.skips.append(Skip(f"{name}.{fused.act_name}", type(getattr(fused, fused.act_name)).__name__,
-                                   f"{key}=fewbit: inside a gated MLP fused by mlp=recompute, which keeps fewer "
-                                   "bytes (the gate and up outputs only) and is exact; set mlp='off' for few-bit "
-                                   "here"))
+        act_name = "act_fn" if moe else fused.act_name
+        key = "silu" if fused.activation == "silu" else "gelu"
+        if getattr(cfg, key) == "fewbit" and hasattr(module, act_name):  # (Liger's MLPs have no activation module)
+            what = "MoE experts" if moe else "a gated MLP"
+            plan.skips.append(Skip(f"{name}.{act_name}", type(getattr(module, act_name)).__name__,
+                                   f"{key}=fewbit: inside {what} fused by mlp=recompute, which keeps fewer bytes "
+                                   "(the gate and up outputs only) and is exact; set mlp='off' for few-bit here"))
         return True
 
     def _plan_gelu(self, name, module, act, cfg, pairs, plan) -> bool:

@@ -182,6 +182,11 @@ def test_experts_left_alone_are_reported_with_the_reason():
     (skip,) = [s for s in report.skipped if s.name.endswith("mlp.experts")]
     assert "act_fn is ReLU" in skip.reason and "not exactly SiLU or tanh-GELU" in skip.reason
 
+    fewbit = tempo_ds.inject(_model("mixtral"), **{**MLP_ONLY, "silu": "fewbit"})  # never claims a swap that cannot run
+    (skip,) = [s for s in fewbit.skipped if s.name.endswith("experts.act_fn")]
+    assert skip.reason.startswith("silu=fewbit: inside MoE experts fused by mlp=recompute")
+    assert not any("fewbit" in r.technique for r in fewbit.replaced)
+
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     cfg = t.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=4)
