@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from tempo_ds.memory import SavedTensorMeter
@@ -14,6 +15,25 @@ LOW_PRECISION = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHECKPOINT_MODES = ["none", "torch_reentrant", "torch_non_reentrant", "deepspeed", "deepspeed_non_reentrant",
                     "no_grad_recompute"]
+
+
+aten = torch.ops.aten
+# Ops that hand a tensor's value to the host, or whose output size depends on the data (a device-to-host sync on
+# CUDA either way).
+HOST_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default, aten.nonzero.default,
+              aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
+              aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raise on any aten op that reads a tensor's value on the host or sizes its output by the data (boolean
+    indexing included)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS or (func is aten.index.Tensor
+                                  and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            raise AssertionError(f"host read of a tensor value: {func}")
+        return func(*args, **(kwargs or {}))
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:

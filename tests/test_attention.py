@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import CHECKPOINT_MODES, LOW_PRECISION, assert_checkpoint_matches, assert_within_2x_of_torch, max_err
+from helpers import (CHECKPOINT_MODES, LOW_PRECISION, NoHostReads, assert_checkpoint_matches, assert_within_2x_of_torch,
+                     max_err)
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import LeanAttention
 from tempo_ds.ops import _rng
@@ -389,16 +390,6 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops._tempo_fwd, (q, k, v, mask, seed, True, 0.3, 0.2, True))
 
 
-class _NoHostRead(TorchDispatchMode):
-    """Fails on the ops that copy a tensor's value to the host (``.item()``, ``bool(t)``, ``if t.any():``)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                    torch.ops.aten.equal.default):
-            raise AssertionError(f"host read: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_no_host_read_with_mask_dropout_and_seed_tensor(mode):
     """Forward and backward bodies of both modes, with a padding row, causality and dropout from a device seed,
@@ -411,7 +402,7 @@ def test_no_host_read_with_mask_dropout_and_seed_tensor(mode):
     mask4[1, ..., 6:] = False
     seed = torch.tensor([11])
     do = torch.randn(2, 4, 9, 8)
-    with _NoHostRead():
+    with NoHostReads():
         if mode == "lean":
             o, lse = ops._lean_forward(q, k, v, mask4, True, 0.35, 0.3, seed, 4)
             ops._lean_backward(do, q, k, v, o, lse, mask4, True, 0.35, 0.3, seed, 4, False)

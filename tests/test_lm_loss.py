@@ -377,17 +377,8 @@ def test_hooks_on_the_heads_output_run_in_backward_before_its_weight_gradient():
 def test_no_host_reads_in_the_op_implementations_and_the_wrapper():
     """DESIGN.md rule 10: nothing reads a tensor value on the host. A dispatch mode does not see inside a custom
     op, so the implementations are run directly under it, then the wrapper with autograd."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from helpers import NoHostReads
     from tempo_ds.ops.linear_cross_entropy import _backward, _forward
-
-    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
-             torch.ops.aten.is_nonzero.default}
-
-    class NoHostReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func not in reads, f"host read: {func}"
-            return func(*args, **(kwargs or {}))
 
     h, w, b, y = _op_inputs(torch.float32)
     args = (-100, 2.0, 0.5, torch.bfloat16, 4, 5)

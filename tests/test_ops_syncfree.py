@@ -10,21 +10,10 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tempo_ds import ops
 
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
-              torch.ops.aten.is_nonzero.default}
-
-
-class NoHostReads(TorchDispatchMode):
-    """Raise on any aten op that hands a tensor's value to the host (a device-to-host sync on CUDA)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            raise AssertionError(f"host read of a tensor value: {func}")
-        return func(*args, **(kwargs or {}))
+from helpers import NoHostReads  # noqa: F401  (test_mask_syncfree and test_megatron import it from here)
 
 
 @pytest.fixture(autouse=True)
