@@ -59,9 +59,10 @@ LIB = "tempo_ds"
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul on ``t``'s device in, or None when autocast is off there."""
+    """The dtype autocast would run a matmul on ``t``'s device in, or None when autocast is off there or leaves
+    ``t`` alone (float64, as autocast's casts do)."""
     device = t.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or t.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device)
 
