@@ -253,3 +253,21 @@ def test_no_host_reads_compile_export_and_opcheck():
     assert torch.equal(torch.export.export(Wrapped(), (x,)).module()(x), fn(x))
     torch.library.opcheck(torch.ops.tempo_ds.qk_norm_rope_fwd.default,
                           (x.requires_grad_(), w, cos, sin, 1e-6, "llama", torch.float32, torch.float32, False, True))
+
+
+def test_a_wider_rotated_output_keeps_the_norm_output_instead():
+    """float32 tables with a bf16 norm output (Gemma 3 under autocast): the rotated output would be float32, twice
+    the norm output's bytes, so the plain in-place norm and HF's rotation run (HF's values, y kept)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, S, A, HD, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(HD, generator=gen).requires_grad_()
+    cos, sin = _tables(torch.float32)
+    out = _ours("gemma", x, w, cos, sin)
+    assert out.dtype == torch.float32 and torch.equal(out, _reference("gemma", x, w, cos, sin))
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn.name() not in names:
+            names.add(fn.name())
+            todo.extend(f for f, _ in fn.next_functions)
+    assert any("inplace_rms_norm" in n for n in names) and not any("qk_norm_rope" in n for n in names), names

@@ -29,7 +29,9 @@ ranked on the device with the columns the plain norm cannot rebuild at all (``|w
 NaN, overflow: ``tempo_ds.ops.layer_norm.column_scores``) first; backward rebuilds those columns' ``y`` from the
 buffer. Bytes kept for ``M`` rows of ``N``: ``out`` (shared with attention) + ``4*M`` + ``M*K*e + 8*K``, and the
 weight Parameter itself (Gemma: the float32 scale ``1 + w``, ``4*N``); ``cos``/``sin`` are the model's shared
-tables, which HF's RoPE keeps too.
+tables, which HF's RoPE keeps too. When the rotated output would be wider than ``y`` (float32 tables with a
+16-bit norm output: Gemma 3 under autocast, where attention keeps its own 16-bit casts), keeping it would cost
+more than keeping ``y``: the wrapper then runs the plain in-place norm and HF's rotation.
 
 Rounding: ``y`` is rebuilt in float32 and rounded to its own dtype before the norm backward (which must see
 the dtype whose range its column rule uses), so in 16-bit a rebuilt ``y`` may be one unit off; the gradients
@@ -46,7 +48,7 @@ from typing import Optional
 
 import torch
 
-import tempo_ds.ops.rms_norm  # noqa: F401  (registers tempo_ds::inplace_rms_norm_fwd/_bwd)
+from tempo_ds.ops.rms_norm import inplace_rms_norm  # also registers tempo_ds::inplace_rms_norm_fwd/_bwd
 from tempo_ds.ops._library import LIB, no_autocast
 from tempo_ds.ops._zero import gathered, held_parameters, hold_parameters
 from tempo_ds.ops.layer_norm import acc_dtype, column_scores, side_columns
@@ -212,4 +214,15 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     rope_dtype = norm_dtype if cast_back else torch.promote_types(torch.promote_types(norm_dtype, cos.dtype),
                                                                   sin.dtype)
     save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if save and rope_dtype.itemsize > norm_dtype.itemsize:
+        return _separate(x, weight, cos, sin, float(eps), casting, whole, rope_dtype)
     return _fwd(x, weight, cos, sin, float(eps), casting, norm_dtype, rope_dtype, whole, save)[0]
+
+
+def _separate(x, weight, cos, sin, eps: float, casting: str, whole: bool, rope_dtype: torch.dtype) -> torch.Tensor:
+    """The in-place norm, then HF's rotation: for a rotated output wider than the norm's (float32 tables with a
+    16-bit norm output, e.g. Gemma 3 under autocast), where keeping ``y`` costs less than keeping the output."""
+    xs, _ = _rows(x, whole)
+    q = inplace_rms_norm(xs, weight, eps, casting=casting).view(x.shape).transpose(1, 2)
+    out = (q * cos.unsqueeze(1)) + (_rotate_half(q) * sin.unsqueeze(1))
+    return out if out.dtype == rope_dtype else out.to(rope_dtype)
