@@ -106,7 +106,8 @@ class Policy:
             return False  # already one of ours
         if cfg.mlp == "recompute" and _is_gated_candidate(module):
             return self._plan_gated_mlp(name, module, cfg, plan)
-        if cfg.norm == "inplace" and cfg.qk_norm == "rope" and _is_qk_norm_attention(module):
+        if cfg.norm == "inplace" and cfg.qk_norm == "rope" and _is_qk_norm_attention(module) and \
+                not any(_skipper(cfg)(f"{name}.{norm}") for norm in ("q_norm", "k_norm")):
             return self._swap(plan, name, module, "qk_norm=rope", _qk_norm_rope_attention)
         if cfg.norm == "inplace" and _is_norm(module):
             return self._swap(plan, name, module, "norm=inplace", _inplace_norm)

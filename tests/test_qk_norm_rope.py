@@ -271,3 +271,10 @@ def test_a_wider_rotated_output_keeps_the_norm_output_instead():
             names.add(fn.name())
             todo.extend(f for f, _ in fn.next_functions)
     assert any("inplace_rms_norm" in n for n in names) and not any("qk_norm_rope" in n for n in names), names
+
+
+def test_a_skipped_q_norm_keeps_the_attention_hf():
+    model = _model("qwen3")
+    report = tempo_ds.inject(model, **NORM_ONLY, skip=["model.layers.0.self_attn.q_norm"])
+    assert [s.name for s in report.replaced if s.technique == "qk_norm=rope"] == ["model.layers.1.self_attn"]
+    assert "model.layers.0.self_attn.q_norm" in {s.name for s in report.skipped}
