@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 import tempo_ds
-from helpers import assert_checkpoint_matches, assert_within_2x_of_torch, spied_kernel
+from helpers import assert_checkpoint_matches, assert_within_2x_of_torch, loss_and_grads as _loss_and_grads, spied_kernel
 from tempo_ds.config import TempoConfig
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn import GatedMLP
@@ -264,13 +264,6 @@ def _family(name):
 def _batch(b=2, s=S):
     ids = torch.randint(3, V, (b, s), generator=torch.Generator().manual_seed(1))
     return {"input_ids": ids, "labels": ids}
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))

@@ -7,7 +7,7 @@ import torch
 import transformers as t
 
 import tempo_ds
-from helpers import NoHostReads
+from helpers import NoHostReads, loss_and_grads as _loss_and_grads
 from tempo_ds.memory import SavedTensorMeter
 from tempo_ds.nn.moe_experts import MoEExperts
 from tempo_ds.ops import moe_experts
@@ -38,13 +38,6 @@ def _model(family, impl="grouped_mm", **extra):
 def _batch():
     ids = torch.randint(3, V, (B, S), generator=torch.Generator().manual_seed(1))
     return {"input_ids": ids, "labels": ids}
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _flat(grads):
