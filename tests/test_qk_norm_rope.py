@@ -220,7 +220,7 @@ def test_no_host_reads_compile_export_and_opcheck():
     """DESIGN rules 10-11 as tests/test_ops_syncfree.py checks them, with a zero, a subnormal and a small weight
     (the side buffer): no host read eagerly, forward and backward; torch.compile(fullgraph) and torch.export equal
     to eager; opcheck of the fake implementation and the autograd registration."""
-    from test_ops_syncfree import NoHostReads
+    from helpers import NoHostReads
     gen = torch.Generator().manual_seed(4)
     cos, sin = _tables(torch.float32, b=1, s=5)
     w = torch.nn.Parameter(torch.rand(HD, generator=gen) + 0.5)
