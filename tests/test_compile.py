@@ -45,10 +45,12 @@ def build(family: str):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=32, resid_pdrop=0.1, embd_pdrop=0.1,
             attn_pdrop=0.1, vocab_size=128, bos_token_id=1, eos_token_id=2))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            attention_dropout=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common))
+    else:  # qwen3: Llama's layout plus per-head q/k norms, fused with RoPE by qk_norm="rope"
+        decoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, attention_dropout=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       **common)
+        model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder)) if family == "llama" else
+                 transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **decoder)))
     model.config.use_cache = False  # training: no KV cache among the outputs (torch.export returns only tensors)
     tempo_ds.inject(model, **EXACT)
     return model.train()
@@ -74,7 +76,7 @@ def _targets(graph) -> set[str]:
     return {str(n.target) for n in graph.nodes if n.op == "call_function"}
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen3"])
 def test_fullgraph_compile_and_export(family):
     """One graph (zero breaks) holding our attention op; loss and every gradient equal the uncompiled injected
     model's; torch.export of the training forward succeeds and holds the same ops."""
@@ -86,6 +88,7 @@ def test_fullgraph_compile_and_export(family):
     loss, grads = loss_and_grads(model, compiled, b)
     assert len(GRAPHS) == 1
     assert "tempo_ds.attention_lean_fwd.default" in _targets(GRAPHS[0].graph)
+    assert ("tempo_ds.qk_norm_rope_fwd.default" in _targets(GRAPHS[0].graph)) == (family == "qwen3")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
@@ -94,7 +97,7 @@ def test_fullgraph_compile_and_export(family):
     exported = torch.export.export(model, (), kwargs=b)
     targets = _targets(exported.graph)
     assert "tempo_ds.attention_lean_fwd.default" in targets
-    assert ("tempo_ds.seed_dropout_fwd.default" in targets) == (family != "llama")  # Llama has no other dropout
+    assert ("tempo_ds.seed_dropout_fwd.default" in targets) == (family in ("bert", "gpt2"))  # decoders: no other
 
 
 def test_tempo_attention_compiles_with_a_padding_mask():
