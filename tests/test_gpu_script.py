@@ -18,13 +18,14 @@ import torch
 
 MODULE = "tempo_ds.bench.gpu"
 OPS = ["inplace_gelu", "inplace_gelu tanh", "gelu_linear", "inplace_layer_norm", "inplace_rms_norm",
-       "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit", "gated_mlp silu",
+       "qk_norm_rope (Qwen3 q)", "attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit", "gated_mlp silu",
        "gated_mlp gelu_tanh, fused gate_up", "moe_experts E=8 k=2", "linear_cross_entropy V=512"]
 NO_KERNEL = {"gelu_linear", "moe_experts E=8 k=2", "linear_cross_entropy V=512"}
 NOT_COMPARABLE = {"attention (lean), dropout 0.1", "seed_dropout p=0.1", "fewbit gelu 2-bit"}  # other masks / table
 KERNELS = {"inplace_gelu": ["gelu.backward", "gelu.forward"], "inplace_gelu tanh": ["gelu.backward", "gelu.forward"],
            "inplace_layer_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
            "inplace_rms_norm": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
+           "qk_norm_rope (Qwen3 q)": ["layer_norm.norm_backward", "layer_norm.norm_forward"],
            "attention (lean), dropout 0.1": ["attention.attention_backward", "attention.attention_forward"],
            "seed_dropout p=0.1": ["dropout.apply_seed_mask"],
            "fewbit gelu 2-bit": ["fewbit.backward", "fewbit.forward"],

@@ -290,6 +290,7 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda x, w: ops.inplace_rms_norm(x, w, eps),
                    lambda x, w: rms(x),  # w is rms.weight itself: no parameter to bind per call
                    _autograd_reference(rms_ref)),
+        _qk_norm_rope_case(randn, cfg["attn"], device),
         KernelCase(f"attention (lean), dropout {DROPOUT_P}", f"F.sdpa, dropout {DROPOUT_P}",
                    [randn(B, H, S, D) for _ in range(3)],
                    lambda q, k, v: _our_attention(q, k, v, dropout_p=DROPOUT_P),
@@ -317,6 +318,38 @@ def kernel_cases(cfg: dict, dtype, device, seed: int) -> list[KernelCase]:
                    lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels),
                    _autograd_reference(lambda x, w: F.cross_entropy(F.linear(x, w), labels)), has_kernel=False),
     ]
+
+
+def _qk_norm_rope_case(randn, attn: tuple, device) -> KernelCase:
+    """``qk_norm_rope`` (Qwen3's per-head q norm and RoPE: [B, S, H, D] -> [B, H, S, D]) against HF's Qwen3RMSNorm
+    and ``apply_rotary_pos_emb``; the float64 reference computes the same formula in float64."""
+    import torch
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    from tempo_ds import ops
+
+    B, H, S, D = attn
+    eps = 1e-6
+    angles = torch.arange(S, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.cat((angles, angles), -1)[None]
+
+    def tables(x):
+        return angles.cos().to(device, x.dtype), angles.sin().to(device, x.dtype)
+
+    def hf(x, w):
+        norm = Qwen3RMSNorm(D, eps=eps)
+        del norm.weight
+        norm.weight = w  # the input leaf, so that its gradient is measured
+        return apply_rotary_pos_emb(norm(x).transpose(1, 2), x.new_zeros(1), *tables(x))[0]
+
+    def reference(x, w):
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w).transpose(1, 2)
+        cos, sin = (t[:, None] for t in tables(x))
+        return y * cos + torch.cat((-y[..., D // 2:], y[..., :D // 2]), -1) * sin
+
+    return KernelCase("qk_norm_rope (Qwen3 q)", "HF Qwen3RMSNorm + apply_rotary_pos_emb",
+                      [randn(B, S, H, D), randn(D, scale=0.1, shift=1.0)],
+                      lambda x, w: ops.qk_norm_rope(x, w, *tables(x), eps), hf, _autograd_reference(reference))
 
 
 def _moe_case(randn, gen, rows: int, h: int, inter: int, device) -> KernelCase:
