@@ -36,14 +36,39 @@ TRACE_ARCH, TRACE_MULTIPROCESSORS = 90, 132
 
 
 def launcher(kernel):
-    """``kernel`` wrapped by ``torch.library.wrap_triton`` (launch it as ``launcher(kernel)[grid](...)``), or the
-    kernel itself when it runs in Triton's interpreter or this torch has no ``wrap_triton``."""
+    """``kernel`` wrapped by ``torch.library.wrap_triton`` (launch it as ``launcher(kernel)[grid](...)``) while a
+    graph is traced; in eager (inside a triton op's body, where ``wrap_triton`` is switched off) the kernel
+    launched on its tensors' device; the kernel itself when it runs in Triton's interpreter or this torch has no
+    ``wrap_triton``."""
     from triton.runtime.jit import JITFunction
 
     wrap = getattr(torch.library, "wrap_triton", None)
     if wrap is None or not isinstance(kernel, JITFunction):
         return kernel
-    return wrap(kernel)
+    from torch._library.triton import is_wrap_triton_enabled
+
+    return wrap(kernel) if is_wrap_triton_enabled() else _OnTensorsDevice(kernel)
+
+
+class _OnTensorsDevice:
+    """A kernel launched on the device of its first CUDA tensor argument. Triton launches on the current CUDA
+    device, which is the tensors' under DeepSpeed (one device per rank) but not for a model spread over several
+    devices in one process; compiled graphs get this guard from Inductor."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_cuda),
+                          None)
+            if device is None or device.index == torch.cuda.current_device():
+                return launch(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launch(*args, **kwargs)
+        return run
 
 
 def seed_tensor(seed, device: torch.device) -> torch.Tensor:

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launcher
+
 BLOCK = 512  # common MLP widths (1536, 5632, 11008, 14336) are multiples of 512, not all of 1024
 ACTIVATIONS = ("silu", "gelu_tanh")
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -156,7 +158,7 @@ def forward(g: torch.Tensor, u: torch.Tensor, activation: str, out: torch.Tensor
     rows, cols = g.shape
     h = torch.empty((rows, cols), dtype=g.dtype, device=g.device) if out is None else out
     if rows and cols:
-        torch.library.wrap_triton(gated_forward_kernel)[_grid(rows, cols)](
+        launcher(gated_forward_kernel)[_grid(rows, cols)](
             g, u, h, cols, g.stride(0), u.stride(0), h.stride(0), GELU=activation == "gelu_tanh", BLOCK=BLOCK)
     return h
 
@@ -169,7 +171,7 @@ def backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str
         return
     store_h = h is not None
     h_arg = h if store_h else dg  # never written when STORE_H is false
-    torch.library.wrap_triton(gated_backward_kernel)[_grid(rows, cols)](
+    launcher(gated_backward_kernel)[_grid(rows, cols)](
         dh, g, u, dg, du, h_arg, cols, dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
         h_arg.stride(0), GELU=activation == "gelu_tanh", STORE_H=store_h, BLOCK=BLOCK)
 

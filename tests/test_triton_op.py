@@ -164,8 +164,14 @@ def _child() -> None:
 
     exported = torch.export.export(Gelu(), (calls[0][2][0],))
     out["export"] = _summary(exported.graph_module)
-    from tempo_ds.kernels import attention, layer_norm
-    from tempo_ds.kernels._launch import shared_memory_limit
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from tempo_ds.kernels import attention, gelu, layer_norm
+    from tempo_ds.kernels._launch import launcher, shared_memory_limit
+
+    with set_wrap_triton_enabled(False):  # as in a triton op's body in eager
+        eager = type(launcher(gelu._forward_kernel)).__name__
+    out["launchers"] = [type(launcher(gelu._forward_kernel)).__name__, eager]
 
     fwd, dkdv, dq = attention.tiles(16, 16, torch.float32, shared_memory_limit(torch.device("cuda")))
     out["expected_options"] = {"attention_lean_fwd": [[fwd.num_warps, fwd.num_stages]],
@@ -196,6 +202,23 @@ def test_cuda_trace_shows_the_kernel_launches(cuda_traces, op):
     assert not any(o.endswith("_opaque.default") for o in summary["ops"]), summary["code"]
     if op in cuda_traces["expected_options"]:  # the launch options the op chose reach the graph
         assert summary["options"] == cuda_traces["expected_options"][op]
+
+
+def test_launches_are_traced_or_guarded_to_their_tensors_device(cuda_traces):
+    """Traced: wrap_triton's wrapper; eager: launched on the device of the tensors (Triton itself would launch on
+    the current device)."""
+    from tempo_ds.kernels._launch import _OnTensorsDevice
+
+    assert cuda_traces["launchers"] == ["TraceableTritonKernelWrapper", "_OnTensorsDevice"]
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    x = torch.ones(2)
+    _OnTensorsDevice(Kernel())[(3,)](x, n=2)  # no CUDA tensor: launched as it is
+    assert calls == [((3,), (x,), {"n": 2})]
 
 
 def test_cuda_export_keeps_the_op_whole(cuda_traces):
