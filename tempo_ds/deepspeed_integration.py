@@ -54,7 +54,7 @@ __all__ = ["initialize", "add_config_arguments", "resolve_config", "configure_ac
            "deepspeed_activation_checkpointing", "save_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state", "load_rng_state", "RNGStateError", "summary", "DEEPSPEED_EXAMPLES_FLAGS"]
 
-SWITCHES = ("gelu", "norm", "attention", "dropout", "silu")
+SWITCHES = ("gelu", "norm", "attention", "dropout", "silu", "mlp", "lm_loss", "qk_norm", "mask_check")
 
 # DeepSpeedExamples' flags for DeepSpeed's CUDA transformer kernel -> the tempo_ds technique with the same idea.
 DEEPSPEED_EXAMPLES_FLAGS: dict[str, dict[str, str]] = {
@@ -77,8 +77,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, aliases: bool = True) 
 
     ``--tempo``                 turn tempo_ds on with its defaults (or the config's section)
     ``--tempo_config JSON``     tempo settings: a JSON file, inline JSON, or a DeepSpeed config with a section
-    ``--tempo_gelu``, ``--tempo_norm``, ``--tempo_attention``, ``--tempo_dropout``, ``--tempo_silu``
-                                one technique's setting (choices as in ``TempoConfig``)
+    ``--tempo_gelu``, ``--tempo_norm``, ``--tempo_attention``, ``--tempo_dropout``, ``--tempo_silu``,
+    ``--tempo_mlp``, ``--tempo_lm_loss``, ``--tempo_qk_norm``, ``--tempo_mask_check``
+                                one setting (choices as in ``TempoConfig``)
     ``--tempo_fewbit_bits N``   bits per element of few-bit activations (1-4)
 
     Any of them turns tempo_ds on; their values override the DeepSpeed config's ``"tempo"`` section.
@@ -103,7 +104,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, aliases: bool = True) 
                        help="tempo settings: JSON file, inline JSON, or a DeepSpeed config with a \"tempo\" section")
     for key in SWITCHES:
         group.add_argument(f"--tempo_{key}", default=None, choices=_choices(key),
-                           help=f"tempo_ds {key} technique (overrides the config)")
+                           help=f"tempo_ds {key} setting (overrides the config)")
     group.add_argument("--tempo_fewbit_bits", default=None, type=int, choices=(1, 2, 3, 4),
                        help="bits per element of few-bit activations")
     known = getattr(parser, "_option_string_actions", {})

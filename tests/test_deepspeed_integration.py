@@ -302,10 +302,14 @@ def test_add_config_arguments_composes_with_deepspeeds(order):
     args = second(first(parser)).parse_args(["--deepspeed", "--deepspeed_config", "ds.json", "--tempo",
                                              "--tempo_gelu", "fewbit", "--tempo_fewbit_bits", "3",
                                              "--tempo_norm", "off", "--tempo_attention", "tempo",
-                                             "--tempo_dropout", "off", "--tempo_silu", "fewbit"])
+                                             "--tempo_dropout", "off", "--tempo_silu", "fewbit", "--tempo_mlp", "off",
+                                             "--tempo_lm_loss", "off", "--tempo_qk_norm", "separate",
+                                             "--tempo_mask_check", "never"])
     assert args.deepspeed and args.deepspeed_config == "ds.json" and args.tempo
     assert (args.tempo_gelu, args.tempo_fewbit_bits, args.tempo_norm, args.tempo_attention, args.tempo_dropout,
             args.tempo_silu) == ("fewbit", 3, "off", "tempo", "off", "fewbit")
+    settings = dsi._cli_settings(args)
+    assert [settings[k] for k in ("mlp", "lm_loss", "qk_norm", "mask_check")] == ["off", "off", "separate", "never"]
 
 
 def test_switch_values_are_checked_by_argparse(capsys):
