@@ -278,3 +278,15 @@ def test_a_skipped_q_norm_keeps_the_attention_hf():
     report = tempo_ds.inject(model, **NORM_ONLY, skip=["model.layers.0.self_attn.q_norm"])
     assert [s.name for s in report.replaced if s.technique == "qk_norm=rope"] == ["model.layers.1.self_attn"]
     assert "model.layers.0.self_attn.q_norm" in {s.name for s in report.skipped}
+
+
+def test_an_instance_level_forward_is_refused():
+    """A forward set on the instance (a patch, accelerate's hooks) would be copied with the attributes and run the
+    original module: refused with the reason."""
+    import types
+
+    from tempo_ds.nn.qk_norm_rope import QKNormRopeAttention
+    attention = _model("qwen3").model.layers[0].self_attn
+    attention.forward = types.MethodType(type(attention).forward, attention)
+    with pytest.raises(TypeError, match="instance-level forward"):
+        QKNormRopeAttention.from_module(attention)

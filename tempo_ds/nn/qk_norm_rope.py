@@ -215,6 +215,10 @@ class QKNormRopeAttention(nn.Module):
             raise TypeError(f"{name} holds parameters or buffers of its own")
         if any(m._forward_hooks or m._forward_pre_hooks for m in (attention, children["q_norm"], children["k_norm"])):
             raise TypeError(f"{name} (or its q_norm / k_norm) has forward hooks that the fused op would not run")
+        # a forward set on the instance (a patch, accelerate's hooks) would be copied below and run the original
+        if "forward" in attention.__dict__:
+            raise TypeError(f"{name} has an instance-level forward (a patch or an accelerate hook), which the "
+                            "fused module would not reproduce")
         form = _attention_forms().get(_fn_key(type(attention).forward, _ARGS))
         if form is None:
             raise TypeError(f"{name}.forward is not one of the q/k-norm attention forms tempo_ds fuses (Qwen3, "
