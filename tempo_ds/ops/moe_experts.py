@@ -94,8 +94,8 @@ def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tens
     promise bfloat16 on CUDA only, while its CUDA fallback loop takes the other dtypes."""
     try:
         return _GROUPED(a, b, offs=offs)
-    except RuntimeError:
-        if a.dtype == torch.bfloat16 or a.device.type != "cuda":
+    except RuntimeError as exc:  # an out-of-memory error is no refusal: it must not switch the dtype off for good
+        if a.dtype == torch.bfloat16 or a.device.type != "cuda" or isinstance(exc, torch.OutOfMemoryError):
             raise
         _REFUSED.add((a.device.type, a.dtype))
         return None
