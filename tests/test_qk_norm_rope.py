@@ -290,3 +290,31 @@ def test_an_instance_level_forward_is_refused():
     attention.forward = types.MethodType(type(attention).forward, attention)
     with pytest.raises(TypeError, match="instance-level forward"):
         QKNormRopeAttention.from_module(attention)
+
+
+def test_output_attentions_pickling_and_revert_see_the_hf_class():
+    """The fused module is an instance of the HF attention class too, so transformers' hooks record
+    ``output_attentions`` (eager: equal to the untouched model's); it pickles and reverts."""
+    import io
+
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+    plain = _model("qwen3")
+    plain.config._attn_implementation = "eager"
+    fused = copy.deepcopy(plain)
+    tempo_ds.inject(fused, **{**NORM_ONLY, "attention": "off"})
+    attention = fused.model.layers[0].self_attn
+    assert isinstance(attention, Qwen3Attention) and type(attention).__name__ == "QKNormRopeQwen3Attention"
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)  # before output_attentions: transformers' recording hooks do not pickle
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.model.layers[0].self_attn) is type(attention)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours, theirs = fused(input_ids=ids, output_attentions=True), plain(input_ids=ids, output_attentions=True)
+    assert len(ours.attentions) == len(theirs.attentions) == 2
+    for a, b in zip(ours.attentions, theirs.attentions):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, theirs.logits)
+    tempo_ds.revert(fused)
+    assert type(fused.model.layers[0].self_attn) is Qwen3Attention

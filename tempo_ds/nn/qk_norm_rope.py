@@ -237,7 +237,7 @@ class QKNormRopeAttention(nn.Module):
         head_dim = getattr(attention, "head_dim", None)
         if not isinstance(head_dim, int) or head_dim % 2:
             raise TypeError(f"{name}.head_dim is {head_dim!r}, not an even int")
-        new = cls.__new__(cls)
+        new = _fused_instance(type(attention))
         nn.Module.__init__(new)
         for key, value in attention.__dict__.items():
             if not key.startswith("_") and key != "training":
@@ -245,7 +245,6 @@ class QKNormRopeAttention(nn.Module):
         for child_name, child in children.items():
             new.add_module(child_name, child)
         new._hf_forward = type(attention).forward
-        new._hf_class = type(attention).__name__
         new._eager = module_globals.get("eager_attention_forward")
         new._attention_functions = module_globals.get("ALL_ATTENTION_FUNCTIONS")
         new._whole, new._sliding, new._cast_back, new._norm = whole, sliding, rope == "cast_back", kinds.pop()
@@ -291,6 +290,24 @@ class QKNormRopeAttention(nn.Module):
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
 
+    def __reduce__(self):  # the class is made per HF class: pickled as (HF class, state), not by its name
+        return _fused_instance, (type(self).__mro__[2],), self.__dict__
+
     def extra_repr(self) -> str:
-        return (f"from={self._hf_class}, norm={self._norm!r}, " + ("over the projection" if self._whole
-                                                                   else "per head"))
+        return (f"from={type(self).__mro__[2].__name__}, norm={self._norm!r}, "
+                + ("over the projection" if self._whole else "per head"))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(hf_class: type) -> type:
+    """``QKNormRopeAttention`` made a subclass of ``hf_class`` too (its ``__init__`` never runs), so that what
+    looks for the HF class by ``isinstance`` still finds it: transformers' hooks that record ``output_attentions``,
+    a user's own checks."""
+    fused = type(f"QKNormRope{hf_class.__name__}", (QKNormRopeAttention, hf_class), {})
+    fused.__module__ = __name__
+    return fused
+
+
+def _fused_instance(hf_class: type) -> QKNormRopeAttention:
+    """An uninitialised instance of :func:`_fused_class` (what unpickling fills with the module's state)."""
+    return object.__new__(_fused_class(hf_class))
