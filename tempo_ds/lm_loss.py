@@ -165,6 +165,9 @@ class _InstanceForward(functools.partial):
     ``torch.export`` reads its code through ``.func``. Its signature is the class forward's without ``self``, so
     HF Trainer's unused-column check sees the model's arguments."""
 
+    def __repr__(self) -> str:  # partial's would print the whole model
+        return f"<tempo_ds chunked-loss forward of {type(self.args[0]).__name__}>"
+
     @property
     def __signature__(self) -> inspect.Signature:
         sig = inspect.signature(self.args[0].__dict__[_STATE].forward)
