@@ -19,6 +19,7 @@ implementation, within reduction order against ``eager`` / ``batched_mm`` (see t
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 
@@ -151,8 +152,13 @@ class MoEExperts(nn.Module):
 
 def _loop_matches(cls: type) -> bool:
     """``cls.forward`` is transformers' experts dispatch wrapped around the per-expert loop ``_LOOP``."""
-    fn = getattr(cls.forward, "__wrapped__", None)
-    code = getattr(cls.forward, "__code__", None)
+    return _forward_matches_loop(cls.forward)
+
+
+@functools.lru_cache(maxsize=None)  # keyed on the function object: a patched forward is a new key
+def _forward_matches_loop(forward) -> bool:
+    fn = getattr(forward, "__wrapped__", None)
+    code = getattr(forward, "__code__", None)
     if fn is None or code is None or not code.co_qualname.startswith("use_experts_implementation."):
         return False
     try:

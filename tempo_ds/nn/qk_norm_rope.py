@@ -39,7 +39,7 @@ from .rms_norm import _computes_like_gemma, _computes_like_llama, _computes_like
 __all__ = ["QKNormRopeAttention", "is_qk_norm_attention_candidate"]
 
 _CHILDREN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
-_ARGS = ["self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values"]
+_ARGS = ("self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values")
 
 _HEAD = """
 input_shape = hidden_states.shape[:-1]
@@ -117,7 +117,7 @@ class _Locals(ast.NodeTransformer):
         return node
 
 
-def _body_key(stmts: list, args: list[str]) -> str:
+def _body_key(stmts: list, args: tuple[str, ...]) -> str:
     local = set(args) - {"self"}
     for stmt in stmts:
         for node in ast.walk(stmt):
@@ -145,13 +145,15 @@ def _function(fn) -> ast.FunctionDef | None:
     return ast.FunctionDef(name="f", args=node.args, body=body, decorator_list=[], returns=None, type_params=[])
 
 
-def _source_key(source: str, args: list[str]) -> str:
+@functools.lru_cache(maxsize=None)
+def _source_key(source: str, args: tuple[str, ...]) -> str:
     return _body_key(ast.parse(textwrap.dedent(source)).body, args)
 
 
-def _fn_key(fn, args: list[str]) -> str | None:
+@functools.lru_cache(maxsize=None)  # keyed on the function object: a patched forward or RoPE is a new key
+def _fn_key(fn, args: tuple[str, ...]) -> str | None:
     node = _function(fn)
-    if node is None or [a.arg for a in node.args.args] != args:
+    if node is None or tuple(a.arg for a in node.args.args) != args:
         return None
     return _body_key(node.body, args)
 
@@ -171,9 +173,14 @@ def _rope_kind(module_globals: dict) -> str | None:
     rope, rotate = module_globals.get("apply_rotary_pos_emb"), module_globals.get("rotate_half")
     if not callable(rope) or not callable(rotate):
         return None
-    if _fn_key(rotate, ["x"]) != _source_key(_ROTATE_HALF, ["x"]):
+    return _rope_kind_of(rope, rotate)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_kind_of(rope, rotate) -> str | None:
+    if _fn_key(rotate, ("x",)) != _source_key(_ROTATE_HALF, ("x",)):
         return None
-    args = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+    args = ("q", "k", "cos", "sin", "unsqueeze_dim")
     node = _function(rope)
     if node is None or [d.value for d in node.args.defaults if isinstance(d, ast.Constant)] != [1]:
         return None
