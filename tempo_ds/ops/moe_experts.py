@@ -85,8 +85,7 @@ def grouped_ok(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
     16-byte multiples."""
     if _GROUPED is None or (device.type, dtype) in _REFUSED:
         return False
-    size = torch.empty((), dtype=dtype).element_size()
-    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * size % 16 == 0 for w in widths)
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * dtype.itemsize % 16 == 0 for w in widths)
 
 
 def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
