@@ -96,13 +96,13 @@ import copy
 import functools
 import math
 import types
-import weakref
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._shared_derived import SharedDerived
 from .ops import attention, gelu_linear, inplace_layer_norm, seed_dropout
 from .ops._zero import gathered
 from .policies import Plan, Policy, Skip, Swap
@@ -391,28 +391,17 @@ class _MaskCache:
     with ``tempo_ds.hf_attention.padding_mask``, so it is None or the boolean [B, 1, 1, S] padding row; a
     [B, 1, S, S] mask built elsewhere is kept whole, once for all layers. Only a 2-D [B, S] padding mask
     (1 = attend, what flash-attention implementations get) is converted, to a boolean [B, 1, 1, S] row, and
-    the conversion is shared by the layers while the mask is the same, unmodified tensor (a weak reference and
-    its version counter) - so the meter charges it once, to the first layer.
+    the conversion is shared by the layers while the mask is the same, unmodified tensor
+    (``tempo_ds._shared_derived``) - so the meter charges it once, to the first layer.
     """
 
     def __init__(self):
-        self._source = None  # weak reference to the last 2-D mask seen
-        self._version = -1
-        self._value = None   # its [B, 1, 1, S] boolean row
-
-    def __reduce__(self):  # pickled / deep-copied empty (a weak reference cannot be pickled)
-        return (_MaskCache, ())
+        self._row = SharedDerived()
 
     def compact(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None or mask.dim() != 2:
             return mask
-        if torch.compiler.is_compiling():
-            return mask.bool()[:, None, None, :]
-        if self._source is not None and self._source() is mask and self._version == mask._version:
-            return self._value
-        self._source, self._version = weakref.ref(mask), mask._version
-        self._value = mask.bool()[:, None, None, :]
-        return self._value
+        return self._row(mask, lambda m: m.bool()[:, None, None, :])
 
 
 def _bert_layer_class():

@@ -66,11 +66,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 import sys
 from typing import Optional
 
 import torch
+
+from ._shared_derived import SharedDerived
 
 __all__ = ["tempo_layer_spec", "TempoNorm", "TempoDotProductAttention", "TempoMLP",
            "get_gpt_layer_tempo_spec", "get_bert_layer_tempo_spec"]
@@ -258,27 +259,14 @@ def _mask_and_causal(attention_mask: Optional[torch.Tensor], mask_type, sq: int,
     return _attend_mask(attention_mask), causal
 
 
-_INVERTED: list = [None, -1, None]  # weak reference to Megatron's last mask, its version counter, ~mask
-
-
-def _forget(source: weakref.ref) -> None:
-    if _INVERTED[0] is source:
-        _INVERTED[:] = [None, -1, None]
+_INVERTED = SharedDerived()  # ~ Megatron's last mask, while that mask lives unmodified
 
 
 def _attend_mask(masked_out: torch.Tensor) -> torch.Tensor:
     """``~masked_out`` (tempo's convention: True = attend), the same tensor for every layer of a forward pass
     while Megatron hands them the same unmodified mask: the attention keeps its mask for backward, and one
-    inversion per layer would keep one copy per layer. The inversion is held only while Megatron's mask lives
-    (a weak reference whose callback drops it), and decided from identity and version, never from values."""
-    if torch.compiler.is_compiling():
-        return ~masked_out
-    source, version, value = _INVERTED
-    if source is not None and source() is masked_out and version == masked_out._version:
-        return value
-    value = ~masked_out
-    _INVERTED[:] = [weakref.ref(masked_out, _forget), masked_out._version, value]
-    return value
+    inversion per layer would keep one copy per layer (``tempo_ds._shared_derived``)."""
+    return _INVERTED(masked_out, torch.bitwise_not)
 
 
 def _dropout_stream(device: torch.device, config, tp_group):

@@ -361,7 +361,7 @@ def test_causal_type_ignores_the_mask_and_the_cpu_rank_stream_leaves_the_generat
         assert is_causal is causal and torch.equal(attend, ~mask)
         assert tm._mask_and_causal(mask, kind, S, S)[0] is attend  # one inversion for every layer
     del mask, attend
-    assert tm._INVERTED == [None, -1, None]  # released with Megatron's mask
+    assert (tm._INVERTED._source, tm._INVERTED._version, tm._INVERTED._value) == (None, -1, None)  # released with it
     draws = []
     for rank in (0, 1):
         torch.manual_seed(3)
